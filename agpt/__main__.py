@@ -1,0 +1,3 @@
+from agpt.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""The on-disk conventions shared by every AGPT store (see docs/FORMAT.md).
+
+Everything that decides how bytes land on disk lives here: the format version, the codec
+chain (Blosc/zstd + crc32c, never pickle or object dtypes), chunk/shard sizes, and the
+status attribute that makes builds atomic (a store opens only when status == "complete").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from agpt import __version__
+from agpt.errors import StoreFormatError
+
+FORMAT_VERSION = 1
+CORPUS_KIND = "agpt-corpus"
+TRIE_KIND = "agpt-trie"
+STATUS_BUILDING = "building"
+STATUS_COMPLETE = "complete"
+
+#: elements per chunk (the unit of compression / checksum) and per shard (one file).
+CHUNK = 1 << 18
+SHARD = 1 << 22
+
+
+def compressors() -> list:
+    """Blosc-zstd with byte shuffle, then a crc32c checksum of every chunk."""
+    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds ids 0..vocab_size-1 (ids are never assumed to be bytes)."""
+    if vocab_size <= 1 << 8:
+        return np.dtype(np.uint8)
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 1 << 32:
+        return np.dtype(np.uint32)
+    raise StoreFormatError(f"vocabulary of {vocab_size} ids does not fit uint32; use a smaller tokenizer")
+
+
+def open_root(url: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open the Zarr v3 group at a local path or fsspec URL, mapping failures to one-line errors."""
+    try:
+        kw = {"storage_options": dict(storage_options)} if storage_options else {}
+        return zarr.open_group(url, mode=mode, zarr_format=3, **kw)
+    except FileNotFoundError as e:
+        raise StoreFormatError(f"no store at {url}: build or ingest it first") from e
+    except (OSError, ConnectionError, TimeoutError) as e:
+        raise StoreFormatError(f"cannot reach store {url}: {e}") from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreFormatError(f"{url} is not a Zarr v3 store ({e})") from e
+
+
+def create_array(group: zarr.Group, name: str, shape: int | tuple[int, ...], dtype: Any,
+                 chunk: int = CHUNK, shard: int = SHARD) -> zarr.Array:
+    """A 1-D (or row-chunked 2-D) array with the project's codecs; big arrays are sharded."""
+    shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(s) for s in shape)
+    n = max(int(shape[0]), 1)
+    rows = max(1, min(chunk, n))
+    chunks = (rows,) + shape[1:]
+    kw: dict[str, Any] = {}
+    if n > chunk:
+        srows = max(rows, min(shard, n))
+        srows = -(-srows // rows) * rows
+        kw["shards"] = (srows,) + shape[1:]
+    return group.create_array(name, shape=shape, dtype=np.dtype(dtype), chunks=chunks,
+                              compressors=compressors(), fill_value=0, overwrite=True, **kw)
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray, **kw: Any) -> zarr.Array:
+    """Create `name` and write `data` into it in one call (zarr encodes chunks concurrently)."""
+    data = np.ascontiguousarray(data)
+    arr = create_array(group, name, data.shape, data.dtype, **kw)
+    if data.size:
+        arr[...] = data
+    return arr
+
+
+def header(kind: str, **extra: Any) -> dict[str, Any]:
+    """The `agpt` attribute every store carries; status starts as building."""
+    return {
+        "format": kind,
+        "format_version": FORMAT_VERSION,
+        "status": STATUS_BUILDING,
+        "writer": f"agpt {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def check_header(group: zarr.Group, kind: str, url: str, require_complete: bool = True) -> dict[str, Any]:
+    """Return the `agpt` attribute after checking kind, version and completion."""
+    meta = group.attrs.get("agpt")
+    if not isinstance(meta, dict) or meta.get("format") not in (CORPUS_KIND, TRIE_KIND):
+        raise StoreFormatError(f"{url} is a Zarr store but not an AGPT store")
+    if meta["format"] != kind:
+        raise StoreFormatError(f"{url} is an {meta['format']} store, expected {kind}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{url} has format version {meta.get('format_version')}, this agpt reads version "
+            f"{FORMAT_VERSION}: rebuild it with this version")
+    if require_complete and meta.get("status") != STATUS_COMPLETE:
+        raise StoreFormatError(
+            f"{url} is an unfinished build (status {meta.get('status')!r}): rerun the same "
+            "command to resume it")
+    return meta
+
+
+def mark_complete(group: zarr.Group, **updates: Any) -> None:
+    """Last write of every build: only now does the store open as complete."""
+    meta = dict(group.attrs["agpt"])
+    meta.update(updates)
+    meta["status"] = STATUS_COMPLETE
+    group.attrs["agpt"] = meta
+
+
+def read_array(group: zarr.Group, name: str, url: str, sel: Any = Ellipsis) -> np.ndarray:
+    """Read (part of) an array, turning a missing or corrupt chunk into a StoreFormatError."""
+    try:
+        return np.asarray(group[name][sel])
+    except KeyError as e:
+        raise StoreFormatError(f"{url}: array {name!r} is missing; the store is damaged") from e
+    except StoreFormatError:
+        raise
+    except Exception as e:  # zarr raises codec-specific errors on bad checksums
+        raise StoreFormatError(f"{url}: array {name!r} is corrupt ({type(e).__name__}: {e}); "
+                               "rebuild the store") from e
