@@ -246,3 +246,75 @@ def expand(rt: RadixTrie, max_depth: int) -> list[LeveledDepth]:
         prev_pos[:] = -1
         prev_pos[idx] = np.arange(len(idx))
     return out
+
+
+def prune(rt: RadixTrie, min_mass: int, min_depth: int) -> RadixTrie:
+    """Drop every node (and its subtree) with mass < min_mass at depth >= min_depth.
+
+    The rule is applied per trie position, so an edge that crosses the cut is truncated at
+    depth min_depth-1; a truncated endpoint keeps its next-token counts (its successors are
+    gone from the trie, not from its prediction target).
+    """
+    if min_mass <= 0:
+        return rt
+    n = rt.n_nodes
+    head = rt.head.astype(np.int64)
+    end = rt.end.astype(np.int64)
+    end_mass = rt.end_mass
+    lo = np.maximum(head, min_depth)
+    # first pruned depth on each edge (or end+1 when the whole edge survives)
+    cut = np.full(n, end + 1)
+    inner = (rt.mass < min_mass) & (lo < end)      # an inner position fails
+    cut = np.where(inner, lo, cut)
+    tail = (end_mass < min_mass) & (end >= lo) & ~inner  # only the endpoint fails
+    cut = np.where(tail, end, cut)
+    # subtree ranges in preorder: a node's subtree is [x, x + size)
+    size = _subtree_sizes(rt.parent, end)
+    cut_here = cut <= end
+    drop = np.zeros(n + 1, dtype=np.int64)
+    starts = np.flatnonzero(cut_here)
+    first = np.where(cut[starts] == head[starts], starts, starts + 1)
+    np.add.at(drop, first, 1)
+    np.add.at(drop, starts + size[starts], -1)
+    keep = np.cumsum(drop[:-1]) == 0
+    new_end = np.where(cut_here, cut - 1, end)
+    return _rebuild(rt, keep, new_end)
+
+
+def _subtree_sizes(parent: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Nodes in each subtree (self included), accumulated from the deepest level up."""
+    n = len(parent)
+    size = np.ones(n, dtype=np.int64)
+    for d in range(int(end.max(initial=0)), 0, -1):
+        at = np.flatnonzero((end == d) & (parent >= 0))
+        np.add.at(size, parent[at], size[at])
+    return size
+
+
+def _rebuild(rt: RadixTrie, keep: np.ndarray, new_end: np.ndarray) -> RadixTrie:
+    """Keep the marked nodes; truncate edges to new_end (truncated endpoints count one token)."""
+    idx = np.flatnonzero(keep)
+    new_index = np.cumsum(keep) - 1
+    par = rt.parent[idx]
+    parent = np.where(par >= 0, new_index[np.maximum(par, 0)], -1)
+    head = rt.head[idx]
+    end = rt.end.astype(np.int64)[idx]
+    nend = new_end[idx]
+    elen = nend - head + 1
+    edge_tokens = rt.edge_tokens[ranges(rt.edge_ptr[idx], elen)]
+    trunc = nend < end
+    clen = np.where(trunc, 1, np.diff(rt.count_ptr)[idx])
+    count_ptr = _ptr(clen)
+    ctok = np.empty(int(count_ptr[-1]), dtype=rt.count_token.dtype)
+    cval = np.empty(int(count_ptr[-1]), dtype=np.int64)
+    t = np.flatnonzero(trunc)
+    ctok[count_ptr[t]] = rt.edge_tokens[rt.edge_ptr[idx[t]] + elen[t]]
+    cval[count_ptr[t]] = rt.mass[idx[t]]
+    f = np.flatnonzero(~trunc)
+    dst = ranges(count_ptr[f], clen[f])
+    src = ranges(rt.count_ptr[idx[f]], clen[f])
+    ctok[dst] = rt.count_token[src]
+    cval[dst] = rt.count_value[src]
+    part_ptr = np.concatenate(([0], np.cumsum(keep)))[rt.part_ptr]
+    return RadixTrie(parent, head, rt.mass[idx], _ptr(elen), edge_tokens, count_ptr, ctok, cval,
+                     part_ptr.astype(np.int64))

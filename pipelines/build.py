@@ -1,0 +1,484 @@
+"""The trie build pipeline (SPEC §6), as Dask graphs.
+
+    plan     prefix counts over token chunks -> partitions + spine            (map/reduce)
+    bucket   each token chunk -> its start positions' keys, grouped by partition,
+             spilled to disk (only when the corpus does not fit the memory budget)
+    build    each task (a run of consecutive partitions under the budget) -> sorted keys
+             -> radix trie (-> leveled trie), staged to disk when spilling    (map)
+    write    one writer appends the pieces in order, shard by shard; status -> complete
+
+Memory is bounded by the budget, not the corpus: a task holds at most `task_keys` keys, at
+most `workers` tasks run at once, and a bucket holds one token chunk. Staged pieces make a
+rerun finish only the missing tasks; the store opens only once the writer has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+
+from agpt.errors import AgptError
+from agpt.store.corpus import CorpusStore, open_corpus
+from agpt.store.trie import TrieWriter
+from agpt.trie.keys import gather_keys, key_dtype, sort_keys
+from agpt.trie.plan import Plan, make_plan
+from agpt.trie.plan import assign as assign_partitions
+from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
+
+MAX_DEPTH_LIMIT = 1024
+#: fixed memory of the process (interpreter, numpy, zarr, dask) kept out of the task budget
+BASE_BYTES = 200 << 20
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build depends on; the trie parameters are recorded in the store."""
+
+    max_depth: int
+    partition: str = "unigram"
+    partition_budget: int | None = None   # start positions per auto partition
+    prune_min_mass: int = 0
+    prune_min_depth: int = 0
+    memory_limit: int = 4 << 30
+    workers: int = os.cpu_count() or 1
+    scheduler: str = "threads"
+    work_dir: str | None = None
+    chunk_tokens: int | None = None       # token chunk of the out-of-core passes
+    progress: bool = True
+
+    def trie_params(self, budget: int | None) -> dict[str, Any]:
+        return {"max_depth": self.max_depth, "partition": self.partition,
+                "partition_budget": budget if self.partition == "auto" else None,
+                "prune_min_mass": self.prune_min_mass, "prune_min_depth": self.prune_min_depth}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GB', '512MiB', '2e9' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K": 1 << 10, "M": 1 << 20,
+             "G": 1 << 30, "B": 1}
+    for u, f in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * f)
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise AgptError(f"cannot read memory size {text!r}: write it like 1GB or 512MiB") from None
+
+
+def bytes_per_key(depth: int, itemsize: int, layer: str) -> int:
+    """Peak bytes a task holds per key (keys, sorted copy, LCPs, nodes, edges; + leveled rows)."""
+    w = (depth + 1) * itemsize
+    per = 3 * w + 320 + depth * itemsize
+    if layer == "leveled":
+        per += 72 * depth
+    return per
+
+
+def _log(cfg: BuildConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[agpt build] {msg}", file=sys.stderr, flush=True)
+
+
+def _scheduler(cfg: BuildConfig) -> dict[str, Any]:
+    """Keyword arguments for dask.compute: local threads/processes or a distributed cluster."""
+    s = cfg.scheduler
+    if s.startswith("tcp://") or s.startswith("tls://"):
+        try:
+            from distributed import Client
+            client = Client(s, timeout="10s", set_as_default=False)
+        except (OSError, TimeoutError) as e:
+            raise AgptError(f"cannot reach Dask scheduler {s}: {e}") from e
+        return {"scheduler": client}
+    if s not in ("threads", "processes", "synchronous"):
+        raise AgptError(f"unknown scheduler {s!r}: use threads, processes, synchronous or tcp://host:port")
+    return {"scheduler": s, "num_workers": cfg.workers}
+
+
+def _compute(cfg: BuildConfig, tasks: list, what: str) -> list:
+    if not tasks:
+        return []
+    kw = _scheduler(cfg)
+    if cfg.progress and isinstance(kw["scheduler"], str):
+        from dask.diagnostics import ProgressBar
+        _log(cfg, f"{what}: {len(tasks)} tasks")
+        with ProgressBar(out=sys.stderr, minimum=2):
+            return list(dask.compute(*tasks, **kw))
+    return list(dask.compute(*tasks, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# Start positions and prefix counts
+# ---------------------------------------------------------------------------------------------
+
+def _starts(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions in [lo, hi) that have a successor in their document, and doc ends."""
+    out, ends = [], []
+    for a, b in docs:
+        a2, b2 = max(int(a), lo), min(int(b) - 1, hi)  # a start needs i <= b-2
+        if a2 < b2:
+            out.append(np.arange(a2, b2, dtype=np.int64))
+            ends.append(np.full(b2 - a2, int(b), dtype=np.int64))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out), np.concatenate(ends)
+
+
+def _kgram_counts(tokens: np.ndarray, offset: int, starts: np.ndarray, doc_end: np.ndarray,
+                  k: int, parents: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of the k-grams that begin at `starts` (fully inside their document)."""
+    sel = starts[doc_end - starts >= k]
+    if parents is not None and sel.size:
+        pc = np.zeros(len(sel), dtype=np.int64)
+        for j in range(k - 1):
+            pc = pc * V + tokens[sel - offset + j]
+        i = np.minimum(np.searchsorted(parents, pc), len(parents) - 1)
+        sel = sel[parents[i] == pc]
+    code = np.zeros(len(sel), dtype=np.int64)
+    for j in range(k):
+        code = code * V + tokens[sel - offset + j]
+    return np.unique(code, return_counts=True)
+
+
+def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
+    cnt = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.int64)
+    u, inv = np.unique(codes, return_inverse=True)
+    return u, np.bincount(inv, weights=cnt, minlength=len(u)).astype(np.int64)
+
+
+class _Chunks:
+    """The training stream cut into token chunks, each read with D+1 tokens of look-ahead."""
+
+    def __init__(self, corpus: CorpusStore, size: int, depth: int):
+        self.corpus = corpus
+        self.docs = corpus.train_documents()
+        self.end = corpus.train_end
+        self.size = size
+        self.depth = depth
+        self.bounds = list(range(0, self.end, size))
+
+    def read(self, lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens from lo, starts in [lo, lo+size), their document ends)."""
+        hi = min(lo + self.size, self.end)
+        toks = self.corpus.tokens(lo, min(hi + self.depth + 1, self.end))
+        starts, ends = _starts(self.docs, lo, hi)
+        return toks, starts, ends
+
+
+def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
+                 memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
+    """The CountFn for make_plan: one pass (or one Dask map/reduce) per prefix length."""
+
+    def counts(k: int, parents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if memory is not None:
+            toks, starts, ends = memory
+            return _kgram_counts(toks, 0, starts, ends, k, parents, V)
+
+        def one(lo: int) -> tuple[np.ndarray, np.ndarray]:
+            toks, starts, ends = chunks.read(lo)
+            return _kgram_counts(toks, lo, starts, ends, k, parents, V)
+
+        parts = _compute(cfg, [dask.delayed(one)(lo) for lo in chunks.bounds], f"prefix counts k={k}")
+        return _merge_counts(parts)
+
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+def _group_tasks(sizes: np.ndarray, task_keys: int, min_tasks: int) -> list[tuple[int, int]]:
+    """Consecutive partition ranges with at most task_keys keys each (and >= min_tasks)."""
+    total = int(sizes.sum())
+    cap = max(1, min(task_keys, -(-total // max(min_tasks, 1)) if total else 1))
+    out, lo, acc = [], 0, 0
+    for p, s in enumerate(sizes.tolist()):
+        if p > lo and acc + s > cap:
+            out.append((lo, p))
+            lo, acc = p, 0
+        acc += s
+    if lo < len(sizes):
+        out.append((lo, len(sizes)))
+    return out
+
+
+@dataclass
+class TaskResult:
+    """One task's radix trie and, for the leveled layer, its expansion."""
+
+    radix: RadixTrie
+    leveled: list[LeveledDepth] | None
+
+    def depth_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.leveled is not None
+        return (np.array([L.n_nodes for L in self.leveled], np.int64),
+                np.array([len(L.count_value) for L in self.leveled], np.int64))
+
+
+def _build_from_keys(keys, klen, starts, pid, p0: int, prefix_len: np.ndarray, V: int,
+                     cfg: BuildConfig, layer: str) -> TaskResult:
+    sk = sort_keys(keys, klen, starts, pid - p0, prefix_len)
+    rt = radix_from_keys(sk, np.dtype(_token_dtype(V)))
+    del sk
+    rt = prune(rt, cfg.prune_min_mass, cfg.prune_min_depth)
+    return TaskResult(rt, expand(rt, cfg.max_depth) if layer == "leveled" else None)
+
+
+def _token_dtype(V: int) -> np.dtype:
+    from agpt.store.format import token_dtype
+    return token_dtype(V)
+
+
+def _memory_task(tokens, order_starts, order_ends, order_pid, lo: int, hi: int, p0: int,
+                 prefix_len: np.ndarray, V: int, cfg: BuildConfig, layer: str) -> TaskResult:
+    st, de, pid = order_starts[lo:hi], order_ends[lo:hi], order_pid[lo:hi]
+    keys, klen = gather_keys(tokens, st, de, cfg.max_depth, V)
+    return _build_from_keys(keys, klen, st, pid, p0, prefix_len, V, cfg, layer)
+
+
+# -- out-of-core: bucket spills and staged results --------------------------------------------
+
+def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, V: int, cfg: BuildConfig, out: str) -> str:
+    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, start.npy, ptr.npy."""
+    done = os.path.join(out, "done")
+    if os.path.exists(done):
+        return out
+    toks, starts, ends = chunks.read(lo)
+    klen0 = np.minimum(ends - starts, cfg.max_depth + 1)
+    pid = assign_partitions(plan, toks, starts - lo, klen0)
+    keep = pid >= 0
+    starts, ends, pid = starts[keep], ends[keep], pid[keep]
+    o = np.argsort(pid, kind="stable")
+    starts, ends, pid = starts[o], ends[o], pid[o]
+    keys, klen = gather_keys(toks, starts, ends, cfg.max_depth, V, offset=lo)
+    os.makedirs(out, exist_ok=True)
+    np.save(os.path.join(out, "keys.npy"), keys)
+    np.save(os.path.join(out, "klen.npy"), klen.astype(np.int16))
+    np.save(os.path.join(out, "start.npy"), starts)
+    np.save(os.path.join(out, "ptr.npy"),
+            np.searchsorted(pid, np.arange(plan.n_partitions + 1)).astype(np.int64))
+    Path(done).touch()
+    return out
+
+
+def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V: int,
+                cfg: BuildConfig, layer: str, out: str) -> str:
+    """Build partitions p0..p1-1 from the buckets' slices; stage the result as one .npz."""
+    if os.path.exists(out):
+        return out
+    ks, ls, ss, ps = [], [], [], []
+    for b in buckets:
+        ptr = np.load(os.path.join(b, "ptr.npy"))
+        a, z = int(ptr[p0]), int(ptr[p1])
+        if a == z:
+            continue
+        ks.append(np.array(np.load(os.path.join(b, "keys.npy"), mmap_mode="r")[a:z]))
+        ls.append(np.array(np.load(os.path.join(b, "klen.npy"), mmap_mode="r")[a:z]))
+        ss.append(np.array(np.load(os.path.join(b, "start.npy"), mmap_mode="r")[a:z]))
+        ps.append(_pids(ptr, p0, p1))
+    w = cfg.max_depth + 1
+    keys = np.concatenate(ks) if ks else np.zeros((0, w), key_dtype(V))
+    klen = np.concatenate(ls).astype(np.int64) if ls else np.zeros(0, np.int64)
+    starts = np.concatenate(ss) if ss else np.zeros(0, np.int64)
+    pid = np.concatenate(ps) if ps else np.zeros(0, np.int64)
+    res = _build_from_keys(keys, klen, starts, pid, p0, prefix_len, V, cfg, layer)
+    _save_result(res, out)
+    return out
+
+
+def _pids(ptr: np.ndarray, p0: int, p1: int) -> np.ndarray:
+    return np.repeat(np.arange(p0, p1, dtype=np.int64), np.diff(ptr[p0: p1 + 1]))
+
+
+_RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr",
+                 "count_token", "count_value", "part_ptr")
+_LEVEL_FIELDS = ("token", "parent", "mass", "count_ptr", "count_token", "count_value", "part_ptr")
+
+
+def _save_result(res: TaskResult, path: str) -> None:
+    arrays = {f"r_{f}": getattr(res.radix, f) for f in _RADIX_FIELDS}
+    if res.leveled is not None:
+        for k, L in enumerate(res.leveled, 1):
+            arrays.update({f"l{k}_{f}": getattr(L, f) for f in _LEVEL_FIELDS})
+        ds, cs = res.depth_sizes()
+        arrays["depth_sizes"], arrays["count_sizes"] = ds, cs
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # a staged piece exists only once it is whole
+
+
+class _Staged:
+    """Lazy view of a staged task result (reads only the arrays asked for)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _load(self):
+        return np.load(self.path, allow_pickle=False)
+
+    def radix(self) -> RadixTrie:
+        with self._load() as z:
+            return RadixTrie(*(z[f"r_{f}"] for f in _RADIX_FIELDS))
+
+    def level(self, k: int) -> LeveledDepth:
+        with self._load() as z:
+            return LeveledDepth(*(z[f"l{k}_{f}"] for f in _LEVEL_FIELDS))
+
+    def depth_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        with self._load() as z:
+            return z["depth_sizes"], z["count_sizes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+# ---------------------------------------------------------------------------------------------
+
+def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
+               force: bool = False) -> dict[str, Any]:
+    """Build `layer` ('radix' or 'leveled') of the trie of a corpus store into out_url."""
+    t0 = time.perf_counter()
+    if layer not in ("radix", "leveled"):
+        raise AgptError(f"unknown layer {layer!r}")
+    if not 1 <= cfg.max_depth <= MAX_DEPTH_LIMIT:
+        raise AgptError(f"--max-depth {cfg.max_depth} is out of range: use 1..{MAX_DEPTH_LIMIT}")
+    if cfg.prune_min_mass < 0 or cfg.prune_min_depth < 0:
+        raise AgptError("--prune-min-mass and --prune-min-depth must be >= 0")
+    if cfg.memory_limit < BASE_BYTES + (64 << 20):
+        raise AgptError(f"--memory-limit {cfg.memory_limit} bytes is too small: give at least 300MB")
+    if cfg.workers < 1:
+        raise AgptError("--workers must be >= 1")
+    corpus = open_corpus(corpus_url)
+    V = corpus.vocab_size
+    D = cfg.max_depth
+    itemsize = key_dtype(V).itemsize
+    per_key = bytes_per_key(D, itemsize, layer)
+    task_keys = max(1, (cfg.memory_limit - BASE_BYTES) // (cfg.workers * per_key))
+    n_train = corpus.train_end
+    # The in-memory path keeps the training tokens and one int64 triple per start resident.
+    in_memory = n_train * (itemsize + 40) + min(n_train, task_keys * cfg.workers) * per_key \
+        <= cfg.memory_limit - BASE_BYTES
+    budget = cfg.partition_budget or (task_keys if cfg.partition == "auto" else None)
+    writer = TrieWriter(out_url, corpus, cfg.trie_params(budget), force=force)
+    if writer.has_layer(layer):
+        _log(cfg, f"{out_url} already has a complete {layer} layer; nothing to do")
+        return {"store": out_url, "layer": layer, "skipped": True, **writer.meta.get("totals", {})}
+
+    chunk = cfg.chunk_tokens or max(1 << 16, min(1 << 24, (cfg.memory_limit - BASE_BYTES)
+                                                 // (cfg.workers * (per_key + 16))))
+    chunks = _Chunks(corpus, chunk, D)
+    memory = None
+    if in_memory:
+        toks = corpus.train_tokens()
+        starts, ends = _starts(chunks.docs, 0, n_train)
+        memory = (toks, starts, ends)
+    plan = make_plan(cfg.partition, _plan_counts(chunks, cfg, V, memory), V, D, budget)
+    if plan.n_partitions == 0:
+        raise AgptError(f"{corpus_url} has no training start positions (fewer than 2 tokens per document)")
+    biggest = int(plan.sizes.max())
+    if biggest > task_keys:
+        p = int(plan.sizes.argmax())
+        msg = (f"partition {plan.prefixes[p]} has {biggest:,} start positions; building it needs "
+               f"~{biggest * per_key / 1e6:.0f} MB per worker, over the memory limit")
+        if cfg.partition != "auto" or len(plan.prefixes[p]) < D:
+            raise AgptError(msg + ": use --partition auto, fewer --workers, or a larger --memory-limit")
+        _log(cfg, "warning: " + msg + " (a single depth-D leaf cannot be split)")
+    if writer.fresh or "partitions" not in writer.meta:
+        writer.write_plan(plan)
+    prefix_len = np.array([len(p) for p in plan.prefixes], dtype=np.int16)
+    tasks_ranges = _group_tasks(plan.sizes, task_keys, cfg.workers if in_memory else 1)
+    _log(cfg, f"{plan.n_partitions} {cfg.partition} partitions, {len(plan.spine_depth)} spine "
+              f"nodes, {len(tasks_ranges)} build tasks ({'in memory' if in_memory else 'spilled to disk'})")
+
+    if in_memory:
+        toks, starts, ends = memory
+        klen0 = np.minimum(ends - starts, D + 1)
+        pid = assign_partitions(plan, toks, starts, klen0)
+        keep = pid >= 0
+        order = np.argsort(pid[keep], kind="stable")
+        st, de, pd_ = starts[keep][order], ends[keep][order], pid[keep][order]
+        bounds = np.searchsorted(pd_, np.arange(plan.n_partitions + 1))
+        t_tok = dask.delayed(toks, pure=False)
+        jobs = [dask.delayed(_memory_task, pure=False)(
+            t_tok, st, de, pd_, int(bounds[a]), int(bounds[b]), a, prefix_len[a:b], V, cfg, layer)
+            for a, b in tasks_ranges]
+        results: list[Any] = _compute(cfg, jobs, "build")
+        radix_pieces = [r.radix for r in results]
+        level_of = [(lambda k, r=r: r.leveled[k - 1]) for r in results]
+        sizes = [r.depth_sizes() for r in results] if layer == "leveled" else []
+        work = None
+    else:
+        work = _work_dir(cfg, out_url, corpus, writer.params, chunk)
+        _log(cfg, f"work dir {work}")
+        bdir = os.path.join(work, "buckets")
+        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, V, cfg,
+                                                         os.path.join(bdir, f"{i:06d}"))
+                 for i, lo in enumerate(chunks.bounds)]
+        buckets = _compute(cfg, bjobs, "bucket")
+        sdir = os.path.join(work, f"stage-{layer}")
+        os.makedirs(sdir, exist_ok=True)
+        jobs = [dask.delayed(_spill_task, pure=False)(buckets, a, b, prefix_len[a:b], V, cfg, layer,
+                                                      os.path.join(sdir, f"{i:06d}.npz"))
+                for i, (a, b) in enumerate(tasks_ranges)]
+        staged = [_Staged(p) for p in _compute(cfg, jobs, "build")]
+        radix_pieces = (s.radix() for s in staged)
+        level_of = [s.level for s in staged]
+        sizes = [s.depth_sizes() for s in staged] if layer == "leveled" else []
+
+    _log(cfg, f"writing the {layer} layer")
+    if layer == "radix":
+        if in_memory:
+            totals = _radix_totals(radix_pieces)
+        else:
+            totals = _radix_totals(s.radix() for s in staged)
+        totals = writer.write_radix(radix_pieces, totals)
+    else:
+        ds = np.stack([s[0] for s in sizes])
+        cs = np.stack([s[1] for s in sizes])
+        totals = writer.write_leveled(level_of, ds, cs)
+    writer.finish()
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    secs = time.perf_counter() - t0
+    _log(cfg, f"done in {secs:.2f} s: {json.dumps(totals)[:200]}")
+    return {"store": out_url, "layer": layer, "seconds": secs, "partitions": plan.n_partitions,
+            **totals}
+
+
+def _radix_totals(pieces) -> dict[str, int]:
+    n = e = c = 0
+    for rt in pieces:
+        n += rt.n_nodes
+        e += len(rt.edge_tokens)
+        c += len(rt.count_value)
+    return {"nodes": n, "edge_tokens": e, "counts": c}
+
+
+def _work_dir(cfg: BuildConfig, out_url: str, corpus: CorpusStore, params: dict, chunk: int) -> str:
+    """Staging directory, stable across reruns of the same build (that is what resumes it)."""
+    key = hashlib.sha256(json.dumps([out_url, corpus.meta["corpus_sha256"], params,
+                                     chunk], sort_keys=True).encode()).hexdigest()[:16]
+    if cfg.work_dir:
+        return os.path.join(cfg.work_dir, f"agpt-build-{key}")
+    if "://" not in out_url:
+        return os.path.abspath(out_url.rstrip("/")) + ".work"
+    return os.path.join(os.path.expanduser("~/.cache/agpt"), f"build-{key}")
+
+
