@@ -257,7 +257,7 @@ class Bench:
                     shutil.rmtree(out, ignore_errors=True)
             if row.status == "ok" and row.runs:
                 med = _measure.median(row.walls())
-                row.note = f"{case.seed_wall_s / med:.1f}x seed speed"
+                row.note = f"{case.seed_wall_s / med:.2f}x the seed's speed"
                 if case.target_wall_s is not None:
                     met = "met" if med <= case.target_wall_s else "MISSED"
                     row.target += f": {met}"
@@ -408,7 +408,7 @@ class Bench:
                     len(walls),
                     _measure.median(walls),
                     min(walls) if walls else float("nan"),
-                    r.peak_mb(),
+                    _round(r.peak_mb()),
                     r.mbps(),
                     r.store_mb,
                     r.seed,
