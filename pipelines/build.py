@@ -54,6 +54,8 @@ class BuildConfig:
     scheduler: str = "threads"
     work_dir: str | None = None
     chunk_tokens: int | None = None       # token chunk of the out-of-core passes
+    out_of_core: bool | None = None       # None: spill only when the corpus exceeds the budget
+    task_keys: int | None = None          # keys per build task (default: from the budget)
     progress: bool = True
 
     def trie_params(self, budget: int | None) -> dict[str, Any]:
@@ -102,7 +104,7 @@ def _scheduler(cfg: BuildConfig) -> dict[str, Any]:
     if s.startswith("tcp://") or s.startswith("tls://"):
         try:
             from distributed import Client
-            client = Client(s, timeout="10s", set_as_default=False)
+            client = Client(s, timeout="5s", set_as_default=False)
         except (OSError, TimeoutError) as e:
             raise AgptError(f"cannot reach Dask scheduler {s}: {e}") from e
         return {"scheduler": client}
@@ -111,10 +113,13 @@ def _scheduler(cfg: BuildConfig) -> dict[str, Any]:
     return {"scheduler": s, "num_workers": cfg.workers}
 
 
+_SCHED: dict[str, dict[str, Any]] = {}
+
+
 def _compute(cfg: BuildConfig, tasks: list, what: str) -> list:
     if not tasks:
         return []
-    kw = _scheduler(cfg)
+    kw = _SCHED.get(cfg.scheduler) or _scheduler(cfg)
     if cfg.progress and isinstance(kw["scheduler"], str):
         from dask.diagnostics import ProgressBar
         _log(cfg, f"{what}: {len(tasks)} tasks")
@@ -355,6 +360,10 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
                force: bool = False) -> dict[str, Any]:
     """Build `layer` ('radix' or 'leveled') of the trie of a corpus store into out_url."""
     t0 = time.perf_counter()
+    if layer == "radix":  # a trie store as SOURCE: compact its leveled layer into it
+        from agpt.trie.compact import is_trie_store, radix_from_leveled_store
+        if is_trie_store(corpus_url):
+            return radix_from_leveled_store(corpus_url, cfg.progress, out_url, cfg.max_depth)
     if layer not in ("radix", "leveled"):
         raise AgptError(f"unknown layer {layer!r}")
     if not 1 <= cfg.max_depth <= MAX_DEPTH_LIMIT:
@@ -365,16 +374,21 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         raise AgptError(f"--memory-limit {cfg.memory_limit} bytes is too small: give at least 300MB")
     if cfg.workers < 1:
         raise AgptError("--workers must be >= 1")
+    if cfg.partition == "bigram" and cfg.max_depth < 2:
+        raise AgptError("--partition bigram needs --max-depth >= 2; use unigram")
     corpus = open_corpus(corpus_url)
+    _SCHED[cfg.scheduler] = _scheduler(cfg)  # connect first: fail before writing anything
     V = corpus.vocab_size
     D = cfg.max_depth
     itemsize = key_dtype(V).itemsize
     per_key = bytes_per_key(D, itemsize, layer)
-    task_keys = max(1, (cfg.memory_limit - BASE_BYTES) // (cfg.workers * per_key))
+    task_keys = cfg.task_keys or max(1, (cfg.memory_limit - BASE_BYTES) // (cfg.workers * per_key))
     n_train = corpus.train_end
     # The in-memory path keeps the training tokens and one int64 triple per start resident.
     in_memory = n_train * (itemsize + 40) + min(n_train, task_keys * cfg.workers) * per_key \
         <= cfg.memory_limit - BASE_BYTES
+    if cfg.out_of_core is not None:
+        in_memory = not cfg.out_of_core
     budget = cfg.partition_budget or (task_keys if cfg.partition == "auto" else None)
     writer = TrieWriter(out_url, corpus, cfg.trie_params(budget), force=force)
     if writer.has_layer(layer):

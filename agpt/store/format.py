@@ -24,7 +24,9 @@ TRIE_KIND = "agpt-trie"
 STATUS_BUILDING = "building"
 STATUS_COMPLETE = "complete"
 
-#: elements per chunk (the unit of compression / checksum) and per shard (one file).
+#: elements per chunk (the unit of compression / checksum) and per shard (one file) of a
+#: 1-byte dtype; wider dtypes get proportionally fewer elements so that a chunk is 256 KiB
+#: and a shard 4 MiB whatever the dtype (writers buffer one shard per array).
 CHUNK = 1 << 18
 SHARD = 1 << 22
 
@@ -62,6 +64,9 @@ def create_array(group: zarr.Group, name: str, shape: int | tuple[int, ...], dty
                  chunk: int = CHUNK, shard: int = SHARD) -> zarr.Array:
     """A 1-D (or row-chunked 2-D) array with the project's codecs; big arrays are sharded."""
     shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(s) for s in shape)
+    row_bytes = np.dtype(dtype).itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    chunk = max(1, chunk // row_bytes)
+    shard = max(chunk, shard // row_bytes)
     n = max(int(shape[0]), 1)
     rows = max(1, min(chunk, n))
     chunks = (rows,) + shape[1:]
@@ -70,8 +75,10 @@ def create_array(group: zarr.Group, name: str, shape: int | tuple[int, ...], dty
         srows = max(rows, min(shard, n))
         srows = -(-srows // rows) * rows
         kw["shards"] = (srows,) + shape[1:]
+    # Every chunk is written, even all-zero ones, so a missing chunk always means damage.
     return group.create_array(name, shape=shape, dtype=np.dtype(dtype), chunks=chunks,
-                              compressors=compressors(), fill_value=0, overwrite=True, **kw)
+                              compressors=compressors(), fill_value=0, overwrite=True,
+                              config={"write_empty_chunks": True}, **kw)
 
 
 def write_array(group: zarr.Group, name: str, data: np.ndarray, **kw: Any) -> zarr.Array:
@@ -110,7 +117,18 @@ def check_header(group: zarr.Group, kind: str, url: str, require_complete: bool 
         raise StoreFormatError(
             f"{url} is an unfinished build (status {meta.get('status')!r}): rerun the same "
             "command to resume it")
+    if require_complete:
+        check_chunks(group, url)
     return meta
+
+
+def check_chunks(group: zarr.Group, url: str) -> None:
+    """Every chunk of every array must exist: Zarr would read a missing one as zeros."""
+    for name, arr in group.members(max_depth=None):
+        if isinstance(arr, zarr.Array) and arr.nchunks_initialized < arr.nchunks:
+            raise StoreFormatError(
+                f"{url}: array {name!r} is missing {arr.nchunks - arr.nchunks_initialized} of "
+                f"{arr.nchunks} chunks; the store is damaged: rebuild it")
 
 
 def mark_complete(group: zarr.Group, **updates: Any) -> None:

@@ -102,7 +102,7 @@ def make_plan(scheme: str, counts: CountFn, vocab_size: int, max_depth: int,
             big = np.ones(len(codes), dtype=bool)
         else:
             big = cnt > max(int(budget or 0), 1)
-        parts += [(k, int(c), int(n)) for c, n in zip(codes[~big], cnt[~big])]
+        parts += [(k, int(c), int(n)) for c, n in zip(codes[~big], cnt[~big], strict=True)]
         if not big.any():
             break
         split[k] = np.sort(codes[big])

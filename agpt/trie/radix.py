@@ -110,11 +110,14 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     starts.append(single)
     ends.append(single)
     vals.append(path[single])
+    # (temporaries are dropped as soon as they are used: this runs at the memory budget)
     s = np.concatenate(starts).astype(np.int64)
     e = np.concatenate(ends).astype(np.int64)
     v = np.concatenate(vals).astype(np.int64)
+    del starts, ends, vals, pos, val, single
     order = np.lexsort((v, s))  # preorder: by first key, ancestors (smaller v) first
     s, e, v = s[order], e[order], v[order]
+    del order
     n = len(s)
 
     # Parent: the interval of value max(LCP at both edges) that contains the first key.
@@ -122,9 +125,11 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     seg = np.searchsorted(sk.seg_ptr, s, side="right") - 1
     is_root = pv < 0
     head = np.where(is_root, sk.seg_depth[seg], pv + 1).astype(np.int16)
+    del seg
     by_level = v * (m + 1) + s
     o2 = np.argsort(by_level, kind="stable")
     k2 = by_level[o2]
+    del by_level
 
     def node_at(level: np.ndarray, key: np.ndarray) -> np.ndarray:
         """Index of the node of value `level` whose key range contains key index `key`."""
@@ -133,6 +138,7 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     parent = np.full(n, -1, dtype=np.int64)
     nr = np.flatnonzero(~is_root)
     parent[nr] = node_at(pv[nr], s[nr])
+    del nr, pv, is_root
 
     # Masses: keys that end at the endpoint (corpus-end occurrences) do not count there.
     size = e - s + 1
@@ -141,6 +147,10 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     end_mass = size - n_term
     elen = v - head + 1
     mass = np.where(elen > 1, size, end_mass).astype(np.int64)
+    del size, end_mass, term
+    edge_ptr = _ptr(elen)
+    edge_tokens = gather_edges(keys, s, head.astype(np.int64) - 1, elen, token_dtype)
+    del elen
 
     # Next-token counts at each endpoint: its keys split into runs by LCP == v.
     bpos = np.flatnonzero((lcp[1:m] >= 1) & (lcp[1:m] <= depth)) + 1
@@ -156,9 +166,7 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     count_token = (g_tok[real] - 1).astype(token_dtype)
     count_value = (g_end - g_start)[real].astype(np.int64)
     count_ptr = _ptr(np.bincount(g_owner[real], minlength=n))
-
-    edge_ptr = _ptr(elen)
-    edge_tokens = gather_edges(keys, s, head.astype(np.int64) - 1, elen, token_dtype)
+    del g_start, g_owner, g_end, g_tok, real, same, go
     part_ptr = np.searchsorted(s, sk.seg_ptr).astype(np.int64)
     return RadixTrie(parent, head, mass, edge_ptr, edge_tokens, count_ptr, count_token,
                      count_value, part_ptr)
@@ -171,7 +179,7 @@ def _ptr(lengths: np.ndarray) -> np.ndarray:
 
 
 def gather_edges(keys: np.ndarray, row: np.ndarray, col0: np.ndarray, length: np.ndarray,
-                 token_dtype: np.dtype, block: int = 1 << 22) -> np.ndarray:
+                 token_dtype: np.dtype, block: int = 1 << 20) -> np.ndarray:
     """keys[row, col0 : col0+length] - 1 for each node, concatenated, in bounded-memory blocks."""
     total = int(length.sum())
     out = np.empty(total, dtype=token_dtype)
