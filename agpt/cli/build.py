@@ -43,9 +43,10 @@ def _build_options(f):
 
 
 def _run(layer: str, source: str, out: str | None, **kw) -> None:
+    from agpt.trie.compact import is_trie_store
     from pipelines.build import BuildConfig, build_trie, parse_bytes
 
-    if not out:
+    if not out and not (layer == "radix" and is_trie_store(source)):
         raise AgptError("give the output store with -o/--out")
     mem = parse_bytes(kw["memory_limit"]) if kw["memory_limit"] else psutil.virtual_memory().total // 2
     cfg = BuildConfig(
@@ -53,7 +54,7 @@ def _run(layer: str, source: str, out: str | None, **kw) -> None:
         prune_min_mass=kw["prune_min_mass"], prune_min_depth=kw["prune_min_depth"],
         memory_limit=mem, workers=kw["workers"] or os.cpu_count() or 1, scheduler=kw["scheduler"],
         work_dir=kw["work_dir"], progress=not kw["quiet"])
-    res = build_trie(source, out, layer, cfg, force=kw["force"])
+    res = build_trie(source, out or source, layer, cfg, force=kw["force"])
     if kw["as_json"]:
         click.echo(json.dumps(res))
     else:

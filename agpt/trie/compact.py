@@ -29,26 +29,35 @@ _RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr
                  "count_token", "count_value", "part_ptr")
 
 
-def parent_count(prev: LeveledDepth, parent: np.ndarray, token: np.ndarray) -> np.ndarray:
-    """n(parent, token) from the previous depth's counts, 0 where there is no such entry.
+def find_entries(count_ptr: np.ndarray, count_token: np.ndarray, owner: np.ndarray,
+                 token: np.ndarray) -> np.ndarray:
+    """Index of the count entry (owner, token) of a depth's counts, -1 where there is none.
 
-    Count entries are sorted by (owner, token), so one searchsorted on a composite key finds
-    them all; entries out of order are sorted first (a damaged store must not crash verify).
+    Entries are sorted by (owner, token), so one searchsorted on a composite key finds them
+    all; entries out of order are sorted first (a damaged store must not crash verify).
     """
-    out = np.zeros(len(parent), dtype=np.int64)
-    if len(parent) == 0 or len(prev.count_value) == 0:
+    out = np.full(len(owner), -1, dtype=np.int64)
+    if len(owner) == 0 or len(count_token) == 0:
         return out
-    base = np.int64(max(int(prev.count_token.max()), int(token.max(initial=0))) + 1)
-    owner = np.repeat(np.arange(prev.n_nodes, dtype=np.int64), np.diff(prev.count_ptr))
-    keys = owner * base + prev.count_token.astype(np.int64)
-    vals = prev.count_value
+    base = np.int64(max(int(count_token.max()), int(token.max(initial=0))) + 1)
+    own = np.repeat(np.arange(len(count_ptr) - 1, dtype=np.int64), np.diff(count_ptr))
+    keys = own * base + count_token.astype(np.int64)
+    o = None
     if np.any(keys[1:] < keys[:-1]):
         o = np.argsort(keys, kind="stable")
-        keys, vals = keys[o], vals[o]
-    q = parent.astype(np.int64) * base + token.astype(np.int64)
+        keys = keys[o]
+    q = owner.astype(np.int64) * base + token.astype(np.int64)
     j = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
     hit = keys[j] == q
-    out[hit] = vals[j[hit]]
+    out[hit] = j[hit] if o is None else o[j[hit]]
+    return out
+
+
+def parent_count(prev: LeveledDepth, parent: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """n(parent, token) from the previous depth's counts, 0 where there is no such entry."""
+    out = np.zeros(len(parent), dtype=np.int64)
+    j = find_entries(prev.count_ptr, prev.count_token, parent, token)
+    out[j >= 0] = prev.count_value[j[j >= 0]]
     return out
 
 
