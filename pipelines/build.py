@@ -31,7 +31,7 @@ from agpt.errors import AgptError
 from agpt.store.corpus import CorpusStore, open_corpus
 from agpt.store.trie import TrieWriter
 from agpt.trie.keys import gather_keys, key_dtype, sort_keys
-from agpt.trie.plan import Plan, make_plan
+from agpt.trie.plan import Plan, make_plan, partition_ranges
 from agpt.trie.plan import assign as assign_partitions
 from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
 
@@ -212,17 +212,7 @@ def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
 
 def _group_tasks(sizes: np.ndarray, task_keys: int, min_tasks: int) -> list[tuple[int, int]]:
     """Consecutive partition ranges with at most task_keys keys each (and >= min_tasks)."""
-    total = int(sizes.sum())
-    cap = max(1, min(task_keys, -(-total // max(min_tasks, 1)) if total else 1))
-    out, lo, acc = [], 0, 0
-    for p, s in enumerate(sizes.tolist()):
-        if p > lo and acc + s > cap:
-            out.append((lo, p))
-            lo, acc = p, 0
-        acc += s
-    if lo < len(sizes):
-        out.append((lo, len(sizes)))
-    return out
+    return partition_ranges(sizes, task_keys, min_tasks)
 
 
 @dataclass

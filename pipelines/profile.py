@@ -42,6 +42,7 @@ import pandas as pd
 
 from agpt.errors import AgptError
 from agpt.store.trie import TrieStore, open_trie
+from agpt.trie.plan import partition_ranges
 from agpt.trie.radix import LeveledDepth, RadixTrie, expand
 
 #: raw columns summed by the groupbys (before the histogram), and those maxed.
@@ -235,19 +236,8 @@ def spine_rows(store: TrieStore, bins: int) -> pd.DataFrame:
 
 
 def task_ranges(sizes: np.ndarray, task_starts: int, min_tasks: int) -> list[tuple[int, int]]:
-    """Consecutive partition ranges of at most `task_starts` start positions (>= min_tasks
-    ranges when there are enough partitions, so that every worker has work)."""
-    total = int(sizes.sum())
-    cap = max(1, min(task_starts, -(-total // max(min_tasks, 1)) if total else 1))
-    out, lo, acc = [], 0, 0
-    for p, s in enumerate(sizes.tolist()):
-        if p > lo and acc + s > cap:
-            out.append((lo, p))
-            lo, acc = p, 0
-        acc += s
-    if lo < len(sizes):
-        out.append((lo, len(sizes)))
-    return out
+    """Consecutive partition ranges of at most `task_starts` (>= min_tasks ranges)."""
+    return partition_ranges(sizes, task_starts, min_tasks)
 
 
 def raw_frame(store: TrieStore, bins: int = DEFAULT_BINS, task_nodes: int = DEFAULT_TASK_NODES,

@@ -97,7 +97,7 @@ def header(kind: str, **extra: Any) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "status": STATUS_BUILDING,
         "writer": f"agpt {__version__}",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **extra,
     }
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from agpt.errors import AgptError, StoreFormatError
 from agpt.store.format import TRIE_KIND, open_root, read_array
+from agpt.trie.plan import partition_ranges
 from agpt.trie.radix import LeveledDepth, RadixTrie, _ptr, ranges
 
 _RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr",
@@ -240,15 +241,7 @@ def read_leveled(group: Any, url: str, lp: np.ndarray, a: int, b: int) -> list[L
 
 def batches(sizes: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Consecutive partition ranges of at most `budget` nodes (a bigger partition stands alone)."""
-    out, lo, acc = [], 0, 0
-    for p, s in enumerate(np.asarray(sizes).tolist()):
-        if p > lo and acc + s > budget:
-            out.append((lo, p))
-            lo, acc = p, 0
-        acc += s
-    if lo < len(sizes):
-        out.append((lo, len(sizes)))
-    return out
+    return partition_ranges(sizes, budget)
 
 
 def is_trie_store(url: str) -> bool:

@@ -160,3 +160,20 @@ def assign(plan: Plan, tokens: np.ndarray, rel_starts: np.ndarray, klen: np.ndar
         s = np.minimum(np.searchsorted(split, c), len(split) - 1)
         todo = todo[~hit & (split[s] == c)]
     return pid
+
+
+def partition_ranges(sizes: np.ndarray, cap: int, min_ranges: int = 1) -> list[tuple[int, int]]:
+    """Consecutive partition ranges of total size <= cap (a bigger partition stands alone),
+    and at least `min_ranges` of them when there are enough partitions (work for every worker)."""
+    sizes = np.asarray(sizes)
+    total = int(sizes.sum())
+    cap = max(1, min(cap, -(-total // max(min_ranges, 1)) if total else 1))
+    out, lo, acc = [], 0, 0
+    for p, s in enumerate(sizes.tolist()):
+        if p > lo and acc + s > cap:
+            out.append((lo, p))
+            lo, acc = p, 0
+        acc += s
+    if lo < len(sizes):
+        out.append((lo, len(sizes)))
+    return out
