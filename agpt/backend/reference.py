@@ -1,0 +1,143 @@
+"""The NumPy reference backend: every model operation in plain, vectorised NumPy.
+
+Each method is one "kernel" of the model; the CuPy backend overrides them one by one and is
+tested against these. Shapes: rows N, heads H, head size E, ancestors Dm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agpt.model.layout import TreeLayout, WindowLayout
+
+
+class NumpyBackend:
+    name = "numpy"
+    xp = np
+
+    def __init__(self, dtype: Any = "float32"):
+        self.dtype = np.dtype(dtype)
+
+    # -- transfers ------------------------------------------------------------------------
+    def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
+        return np.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+    def prepare(self, layout: Any) -> Any:
+        """Move a layout's index arrays to the device (identity on the CPU)."""
+        return layout
+
+    def synchronize(self) -> None:
+        pass
+
+    # -- layer norm -----------------------------------------------------------------------
+    def layernorm(self, x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float):
+        mu = x.mean(-1, keepdims=True)
+        xc = x - mu
+        rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+        xhat = xc * rstd
+        return xhat * g + b, (xhat, rstd)
+
+    def layernorm_backward(self, dy: np.ndarray, cache: tuple, g: np.ndarray):
+        xhat, rstd = cache
+        dg = (dy * xhat).sum(0)
+        db = dy.sum(0)
+        dxh = dy * g
+        dx = rstd * (dxh - dxh.mean(-1, keepdims=True)
+                     - xhat * (dxh * xhat).mean(-1, keepdims=True))
+        return dx, dg, db
+
+    # -- rotary position encoding (adjacent pairs) ----------------------------------------
+    def rope_tables(self, pos: Any, head_dim: int, base: float):
+        inv = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
+        return (np.cos(ang).astype(self.dtype)[:, None, :],
+                np.sin(ang).astype(self.dtype)[:, None, :])
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False):
+        """Rotate pairs (x[2m], x[2m+1]) of each head by pos*theta_m (by minus that if inverse)."""
+        if inverse:
+            sin = -sin
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+
+    # -- attention over a trie unit --------------------------------------------------------
+    def tree_attention(self, q, k, v, tree: TreeLayout):
+        """o_i = softmax_j(q_i . k_anc(i,j) / sqrt(E)) v_anc(i,j) over i's ancestors and i."""
+        scale = 1.0 / np.sqrt(q.shape[-1])
+        mask = np.arange(tree.max_depth)[None, :] < tree.depth[:, None]      # (N, Dm)
+        s = np.einsum("nhe,njhe->nhj", q, k[tree.anc]) * scale
+        s = np.where(mask[:, None, :], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.einsum("nhj,njhe->nhe", p, v[tree.anc]), p
+
+    def tree_attention_backward(self, do, q, k, v, p, tree: TreeLayout, truncated: bool = False):
+        """(dq, dk, dv). dk/dv of a row sum the contributions of all its descendants (exact),
+        or only its own (truncated: ancestors' K/V treated as constants, the seed's rule)."""
+        scale = 1.0 / np.sqrt(q.shape[-1])
+        dp = np.einsum("nhe,njhe->nhj", do, v[tree.anc])
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True))
+        dq = np.einsum("nhj,njhe->nhe", ds, k[tree.anc]) * scale
+        cv = np.einsum("nhj,nhe->jnhe", p, do)           # contribution of row n to anc(n, j)
+        ck = np.einsum("nhj,nhe->jnhe", ds, q) * scale
+        if truncated:
+            own = (tree.depth - 1, np.arange(tree.n_rows))
+            return dq, ck[own], cv[own]
+        return dq, self.aggregate(ck, tree), self.aggregate(cv, tree)
+
+    def aggregate(self, c: np.ndarray, tree: TreeLayout) -> np.ndarray:
+        """Row r <- sum of c[j, i] over all (j, i) with anc[i, j] == r: a segmented sum."""
+        dm, n = c.shape[:2]
+        flat = c.reshape(dm * n, -1)[tree.agg_src]
+        sums = np.add.reduceat(flat, tree.agg_starts, axis=0) if n else flat
+        return sums[tree.agg_inv].reshape(c.shape[1:])
+
+    # -- attention over windows ------------------------------------------------------------
+    def window_attention(self, q, k, v, win: WindowLayout):
+        b, t = win.batch, win.length
+        h, e = q.shape[1:]
+        qb, kb, vb = (x.reshape(b, t, h, e).transpose(0, 2, 1, 3) for x in (q, k, v))
+        s = (qb @ kb.transpose(0, 1, 3, 2)) / np.sqrt(e)
+        s = np.where(np.tri(t, dtype=bool), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return (p @ vb).transpose(0, 2, 1, 3).reshape(b * t, h, e), p
+
+    def window_attention_backward(self, do, q, k, v, p, win: WindowLayout, truncated: bool = False):
+        b, t = win.batch, win.length
+        h, e = q.shape[1:]
+        qb, kb, vb, dob = (x.reshape(b, t, h, e).transpose(0, 2, 1, 3) for x in (q, k, v, do))
+        dp = dob @ vb.transpose(0, 1, 3, 2)
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True)) / np.sqrt(e)
+        if truncated:  # keys and values of earlier positions are constants
+            eye = np.eye(t, dtype=bool)
+            dv = (p * eye).sum(-1)[..., None] * dob
+            dk = (ds * eye).sum(-1)[..., None] * qb
+        else:
+            dv = p.transpose(0, 1, 3, 2) @ dob
+            dk = ds.transpose(0, 1, 3, 2) @ qb
+        dq = ds @ kb
+        back = lambda x: x.transpose(0, 2, 1, 3).reshape(b * t, h, e)  # noqa: E731
+        return back(dq), back(dk), back(dv)
+
+    # -- loss with count targets ------------------------------------------------------------
+    def xent_counts(self, logits, row, token, coef, row_coef):
+        """sum_k coef_k * -log softmax(logits)[row_k, token_k], and its gradient.
+
+        row_coef[i] = sum of coef over row i's targets (precomputed on the host)."""
+        m = logits.max(-1, keepdims=True)
+        e = np.exp(logits - m)
+        z = e.sum(-1, keepdims=True)
+        lse = (np.log(z) + m)[:, 0]
+        loss = float((row_coef * lse).sum() - (coef * logits[row, token]).sum())
+        d = e * (row_coef[:, None] / z)
+        d[row, token] -= coef      # (row, token) pairs are unique
+        return loss, d

@@ -1,0 +1,82 @@
+"""Which rows a row attends to: a trie in depth-first order, or a batch of windows.
+
+The model computes every row (one context position) once per layer, all rows batched; the
+layout is the only thing that differs between trie training and window training.
+
+- `TreeLayout`: rows of a trie unit in depth-first preorder, each attending to its ancestors
+  and itself (exactly its context). In preorder every subtree is a contiguous range, so for a
+  fixed depth j the depth-j ancestors of consecutive rows form contiguous runs: the K/V
+  gradient an ancestor receives from all its descendants is a segmented sum over one run
+  (`aggregate`), no scatter and no atomics. The GPU kernels use the same order.
+- `WindowLayout`: B windows of T rows, dense causal attention (the window baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class TreeLayout:
+    depth: np.ndarray      # (N,) int32, 1-based context length of each row
+    anc: np.ndarray        # (N, Dm) int32: anc[i, j] = row of i's ancestor at depth j+1 (padded)
+    agg_src: np.ndarray    # positions in the (Dm*N) j-major flattening of valid (j, i) pairs
+    agg_starts: np.ndarray  # segment starts in agg_src order: one segment per receiving row
+    agg_inv: np.ndarray    # row -> its segment
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.depth)
+
+    @property
+    def max_depth(self) -> int:
+        return self.anc.shape[1]
+
+    @property
+    def pos(self) -> np.ndarray:
+        return self.depth - 1
+
+
+def tree_layout(parent: np.ndarray, depth: np.ndarray) -> TreeLayout:
+    """Layout of rows in depth-first preorder; parent[i] < i is a row index or -1 (depth 1)."""
+    parent = np.asarray(parent, dtype=np.int64)
+    depth = np.asarray(depth, dtype=np.int32)
+    n = len(depth)
+    dm = int(depth.max()) if n else 1
+    if n and (np.any(parent >= np.arange(n)) or np.any((parent < 0) != (depth == 1))
+              or np.any(depth[parent[parent >= 0]] != depth[parent >= 0] - 1)):
+        raise ValueError("rows are not a forest in preorder (parent before child, depth+1)")
+    anc = np.repeat(np.arange(n, dtype=np.int32)[:, None], dm, axis=1)
+    for d in range(2, dm + 1):
+        r = np.flatnonzero(depth == d)
+        anc[r, : d - 1] = anc[parent[r], : d - 1]
+    valid_t = np.arange(dm)[:, None] < depth[None, :]              # (Dm, N), j-major
+    src = np.flatnonzero(valid_t.ravel())
+    tgt = anc.T.ravel()[src]
+    starts = np.flatnonzero(np.concatenate(([True], tgt[1:] != tgt[:-1]))) if n else src
+    if len(starts) != n:
+        raise ValueError("rows are not in depth-first preorder (a subtree is not contiguous)")
+    inv = np.empty(n, dtype=np.int64)
+    inv[tgt[starts]] = np.arange(n)
+    return TreeLayout(depth, anc, src, starts, inv)
+
+
+@dataclass
+class WindowLayout:
+    """B windows of T rows each, row b*T + t at position t; causal attention inside a window."""
+
+    batch: int
+    length: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.batch * self.length
+
+    @property
+    def pos(self) -> np.ndarray:
+        return np.tile(np.arange(self.length, dtype=np.int32), self.batch)
+
+
+Layout = TreeLayout | WindowLayout

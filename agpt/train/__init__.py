@@ -1,0 +1,1 @@
+"""Training: trie units and windows -> batches, the objective, optimizers, the training loops."""

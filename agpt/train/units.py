@@ -1,0 +1,159 @@
+"""Trie units: the rows the trainer computes for one partition (or for the spine).
+
+A unit is a forest of rows in depth-first preorder (one row = one trie position = one context),
+each with its token, parent row, depth and next-token counts. Rows flagged `loss=False` are
+context only (the spine prefix above a partition root): they are recomputed because their K/V
+are needed, and they receive gradient, but their own loss is counted in the spine unit, so
+every node's loss counts exactly once per epoch (SPEC §8).
+
+`chunks` cuts a unit into pieces under a row budget without changing the math: a contiguous
+preorder range plus the ancestors of its first row is closed under "ancestor of", so each
+piece is computed exactly, and the unit's gradient is the sum of its pieces' gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from agpt.store.trie import Spine, TrieStore
+from agpt.trie.radix import RadixTrie, ranges
+
+
+@dataclass
+class Unit:
+    name: str
+    token: np.ndarray        # (N,) token ids
+    parent: np.ndarray       # (N,) int64 row index, -1 at depth 1
+    depth: np.ndarray        # (N,) int32, 1-based
+    count_ptr: np.ndarray    # (N+1,) CSR next-token counts
+    count_token: np.ndarray
+    count_value: np.ndarray
+    loss: np.ndarray         # (N,) bool: the row's loss counts in this unit
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.token)
+
+    @property
+    def n_loss_rows(self) -> int:
+        return int(self.loss.sum())
+
+    def take(self, rows: np.ndarray, loss: np.ndarray) -> Unit:
+        """The sub-forest of `rows` (sorted, closed under parent) with the given loss flags."""
+        new = np.full(self.n_rows, -1, dtype=np.int64)
+        new[rows] = np.arange(len(rows))
+        par = self.parent[rows]
+        clen = np.diff(self.count_ptr)[rows]
+        src = ranges(self.count_ptr[rows], clen)
+        return Unit(self.name, self.token[rows], np.where(par >= 0, new[np.maximum(par, 0)], -1),
+                    self.depth[rows], _ptr(clen), self.count_token[src], self.count_value[src],
+                    loss)
+
+
+def _ptr(lengths: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+
+
+def spine_chain(spine: Spine, node: int) -> list[int]:
+    """Spine indices from depth 1 down to `node` (empty for the root)."""
+    out = []
+    while node >= 0 and spine.depth[node] > 0:
+        out.append(node)
+        node = int(spine.parent[node])
+    return out[::-1]
+
+
+def _spine_rows(spine: Spine, nodes: list[int], loss: bool) -> Unit:
+    """Spine nodes (a root-to-node chain or a whole preorder) as rows."""
+    idx = np.asarray(nodes, dtype=np.int64)
+    pos = {int(s): i for i, s in enumerate(idx)}
+    parent = np.array([pos.get(int(spine.parent[s]), -1) for s in idx], dtype=np.int64)
+    clen = np.diff(spine.count_ptr)[idx]
+    src = ranges(spine.count_ptr[idx], clen)
+    return Unit("spine", spine.token[idx], parent, spine.depth[idx].astype(np.int32), _ptr(clen),
+                spine.count_token[src], spine.count_value[src], np.full(len(idx), loss))
+
+
+def spine_unit(spine: Spine) -> Unit | None:
+    """All spine nodes below the root, in preorder, with their own loss (None if only a root)."""
+    n = len(spine.depth)
+    if n <= 1:
+        return None
+    paths: list[tuple[int, ...]] = [()] * n
+    for d in range(1, int(spine.depth.max()) + 1):      # parents precede children by depth
+        for s in np.flatnonzero(spine.depth == d):
+            paths[s] = (*paths[int(spine.parent[s])], int(spine.token[s]))
+    order = sorted(range(1, n), key=lambda s: paths[s])
+    return _spine_rows(spine, order, loss=True)
+
+
+def radix_unit(rt: RadixTrie, context: Unit | None, name: str) -> Unit:
+    """A partition's rows: its spine prefix (context) then every edge position, in preorder."""
+    c = context.n_rows if context is not None else 0
+    elen = np.diff(rt.edge_ptr)
+    n = int(rt.edge_ptr[-1])
+    node = np.repeat(np.arange(rt.n_nodes), elen)
+    off = np.arange(n) - rt.edge_ptr[:-1][node]
+    depth = (rt.head.astype(np.int64)[node] + off).astype(np.int32)
+    last = rt.edge_ptr[1:] - 1                           # endpoint row of each node
+    up = rt.parent[node]
+    root_parent = c - 1 if c else -1
+    parent = np.where(off > 0, np.arange(n) - 1 + c,
+                      np.where(up >= 0, last[np.maximum(up, 0)] + c, root_parent))
+    at_end = off == elen[node] - 1
+    clen = np.where(at_end, np.diff(rt.count_ptr)[node], 1)
+    ptr = _ptr(clen)
+    ctok = np.empty(int(ptr[-1]), dtype=np.int64)
+    cval = np.empty(int(ptr[-1]), dtype=np.int64)
+    mid = np.flatnonzero(~at_end)
+    ctok[ptr[mid]] = rt.edge_tokens[mid + 1]
+    cval[ptr[mid]] = rt.mass[node[mid]]
+    fin = np.flatnonzero(at_end)
+    k = np.diff(rt.count_ptr)[node[fin]]
+    src = ranges(rt.count_ptr[node[fin]], k)
+    dst = ranges(ptr[fin], k)
+    ctok[dst] = rt.count_token[src]
+    cval[dst] = rt.count_value[src]
+    rows = Unit(name, rt.edge_tokens.astype(np.int64), parent.astype(np.int64), depth, ptr,
+                ctok, cval, np.ones(n, dtype=bool))
+    return concat(context, rows) if context is not None else rows
+
+
+def concat(a: Unit, b: Unit) -> Unit:
+    """Rows of a then rows of b (b's parents already index the joined rows)."""
+    return Unit(b.name, np.concatenate([a.token.astype(np.int64), b.token]),
+                np.concatenate([a.parent, b.parent]), np.concatenate([a.depth, b.depth]),
+                np.concatenate([a.count_ptr, b.count_ptr[1:] + a.count_ptr[-1]]),
+                np.concatenate([a.count_token.astype(np.int64), b.count_token]),
+                np.concatenate([a.count_value, b.count_value]), np.concatenate([a.loss, b.loss]))
+
+
+def partition_unit(store: TrieStore, p: int, rt: RadixTrie | None = None) -> Unit:
+    """Partition p of a store's radix layer as a unit, with its spine prefix as context."""
+    spine = store.spine()
+    chain = spine_chain(spine, int(store.spine_parent_of_partition()[p]))
+    ctx = _spine_rows(spine, chain, loss=False) if chain else None
+    rt = store.radix_partition(p) if rt is None else rt
+    return radix_unit(rt, ctx, f"partition {p} {store.partition_prefix(p)}")
+
+
+def chunks(unit: Unit, max_rows: int) -> Iterator[Unit]:
+    """Pieces of at most max_rows rows (plus < depth context rows each) covering every row once."""
+    n = unit.n_rows
+    if n <= max_rows:
+        yield unit
+        return
+    step = max(1, max_rows - int(unit.depth.max()))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        anc = []
+        r = int(unit.parent[s])
+        while r >= 0:
+            anc.append(r)
+            r = int(unit.parent[r])
+        rows = np.concatenate([np.asarray(anc[::-1], dtype=np.int64), np.arange(s, e)])
+        loss = np.concatenate([np.zeros(len(anc), bool), unit.loss[s:e]])
+        yield unit.take(rows, loss)
