@@ -38,4 +38,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Subcommands register themselves on `cli` when imported.
-from agpt.cli import build, demo, ingest, tools, verify  # noqa: E402,F401
+from agpt.cli import build, demo, evaluate, ingest, model, tools, train, verify  # noqa: E402,F401
