@@ -136,11 +136,15 @@ def perplexity_cmd(ckpt: str, store: str | None, text: Path | None, protocol: st
     else:
         tokens = all_tokens
     be = get_backend(device, dtype)
-    with click.progressbar(length=plan.n_windows, label="scoring", file=click.get_text_stream(
-            "stderr")) as bar:
+    err = click.get_text_stream("stderr")
+    if err.isatty():   # a bar for people; nothing for pipes and logs (not even its label)
+        with click.progressbar(length=plan.n_windows, label="scoring", file=err) as bar:
+            res = perplexity(cfg, be, ck.params, tokens, plan, context=n, stride=stride,
+                             protocol=protocol, source=where, batch_rows=batch_rows,
+                             progress=bar.update)
+    else:
         res = perplexity(cfg, be, ck.params, tokens, plan, context=n, stride=stride,
-                         protocol=protocol, source=where, batch_rows=batch_rows,
-                         progress=bar.update)
+                         protocol=protocol, source=where, batch_rows=batch_rows)
     _report(res, be, as_json)
 
 
