@@ -73,32 +73,43 @@ class NumpyBackend:
         """o_i = softmax_j(q_i . k_anc(i,j) / sqrt(E)) v_anc(i,j) over i's ancestors and i."""
         scale = 1.0 / np.sqrt(q.shape[-1])
         mask = np.arange(tree.max_depth)[None, :] < tree.depth[:, None]      # (N, Dm)
-        s = np.einsum("nhe,njhe->nhj", q, k[tree.anc]) * scale
+        kg = k[tree.anc].transpose(0, 2, 1, 3)                                # (N, H, Dm, E)
+        s = np.matmul(kg, q[..., None])[..., 0] * scale                       # (N, H, Dm)
         s = np.where(mask[:, None, :], s, -np.inf)
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        return np.einsum("nhj,njhe->nhe", p, v[tree.anc]), p
+        vg = v[tree.anc].transpose(0, 2, 1, 3)
+        return np.matmul(p[:, :, None, :], vg)[:, :, 0, :], p
 
     def tree_attention_backward(self, do, q, k, v, p, tree: TreeLayout, truncated: bool = False):
         """(dq, dk, dv). dk/dv of a row sum the contributions of all its descendants (exact),
         or only its own (truncated: ancestors' K/V treated as constants, the seed's rule)."""
         scale = 1.0 / np.sqrt(q.shape[-1])
-        dp = np.einsum("nhe,njhe->nhj", do, v[tree.anc])
+        vg = v[tree.anc].transpose(0, 2, 1, 3)
+        dp = np.matmul(vg, do[..., None])[..., 0]                             # (N, H, Dm)
         ds = p * (dp - (p * dp).sum(-1, keepdims=True))
-        dq = np.einsum("nhj,njhe->nhe", ds, k[tree.anc]) * scale
-        cv = np.einsum("nhj,nhe->jnhe", p, do)           # contribution of row n to anc(n, j)
-        ck = np.einsum("nhj,nhe->jnhe", ds, q) * scale
+        kg = k[tree.anc].transpose(0, 2, 1, 3)
+        dq = np.matmul(ds[:, :, None, :], kg)[:, :, 0, :] * scale
         if truncated:
-            own = (tree.depth - 1, np.arange(tree.n_rows))
-            return dq, ck[own], cv[own]
-        return dq, self.aggregate(ck, tree), self.aggregate(cv, tree)
+            own = (np.arange(tree.n_rows), slice(None), tree.depth - 1)
+            return dq, ds[own][..., None] * q * scale, p[own][..., None] * do
+        return dq, self.aggregate(ds, q, tree) * scale, self.aggregate(p, do, tree)
 
-    def aggregate(self, c: np.ndarray, tree: TreeLayout) -> np.ndarray:
-        """Row r <- sum of c[j, i] over all (j, i) with anc[i, j] == r: a segmented sum."""
-        dm, n = c.shape[:2]
-        flat = c.reshape(dm * n, -1)[tree.agg_src]
-        sums = np.add.reduceat(flat, tree.agg_starts, axis=0) if n else flat
-        return sums[tree.agg_inv].reshape(c.shape[1:])
+    def aggregate(self, w: np.ndarray, x: np.ndarray, tree: TreeLayout) -> np.ndarray:
+        """out[r] = sum over r's subtree rows i of w[i, :, depth(r)-1] * x[i]  (r included).
+
+        In preorder the subtree of a depth-(j+1) row r is the contiguous range from r to the
+        next depth-(j+1) row, minus shallower rows, whose w[:, :, j] is 0 (masked). So each
+        depth is one segmented sum (reduceat) over contiguous rows: no scatter, no atomics."""
+        n = tree.n_rows
+        out = np.empty((n, x.shape[1] * x.shape[2]), dtype=x.dtype)
+        for j, st in enumerate(tree.level):
+            if len(st) == 0:
+                continue
+            a = int(st[0])
+            y = (w[a:, :, j, None] * x[a:]).reshape(n - a, -1)
+            out[st] = np.add.reduceat(y, st - a, axis=0)
+        return out.reshape(x.shape)
 
     # -- attention over windows ------------------------------------------------------------
     def window_attention(self, q, k, v, win: WindowLayout):

@@ -22,9 +22,7 @@ import numpy as np
 class TreeLayout:
     depth: np.ndarray      # (N,) int32, 1-based context length of each row
     anc: np.ndarray        # (N, Dm) int32: anc[i, j] = row of i's ancestor at depth j+1 (padded)
-    agg_src: np.ndarray    # positions in the (Dm*N) j-major flattening of valid (j, i) pairs
-    agg_starts: np.ndarray  # segment starts in agg_src order: one segment per receiving row
-    agg_inv: np.ndarray    # row -> its segment
+    level: list[np.ndarray]  # level[j]: the rows at depth j+1, ascending (subtree starts)
 
     @property
     def n_rows(self) -> int:
@@ -52,15 +50,14 @@ def tree_layout(parent: np.ndarray, depth: np.ndarray) -> TreeLayout:
     for d in range(2, dm + 1):
         r = np.flatnonzero(depth == d)
         anc[r, : d - 1] = anc[parent[r], : d - 1]
-    valid_t = np.arange(dm)[:, None] < depth[None, :]              # (Dm, N), j-major
-    src = np.flatnonzero(valid_t.ravel())
-    tgt = anc.T.ravel()[src]
-    starts = np.flatnonzero(np.concatenate(([True], tgt[1:] != tgt[:-1]))) if n else src
-    if len(starts) != n:
-        raise ValueError("rows are not in depth-first preorder (a subtree is not contiguous)")
-    inv = np.empty(n, dtype=np.int64)
-    inv[tgt[starts]] = np.arange(n)
-    return TreeLayout(depth, anc, src, starts, inv)
+    level = [np.flatnonzero(depth == d) for d in range(1, dm + 1)]
+    idx = np.arange(n)
+    for j in range(dm - 1):   # preorder <=> each row's depth-(j+1) ancestor is the last one before it
+        last = np.maximum.accumulate(np.where(depth == j + 1, idx, -1))
+        deep = depth > j + 1
+        if np.any(anc[deep, j] != last[deep]):
+            raise ValueError("rows are not in depth-first preorder (a subtree is not contiguous)")
+    return TreeLayout(depth, anc, level)
 
 
 @dataclass
