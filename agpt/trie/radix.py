@@ -79,16 +79,26 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
-    """Build the radix trie of every partition in `sk` from its sorted keys and LCPs."""
-    keys, klen = sk.keys, sk.klen.astype(np.int64)
+    """Build the radix trie of every partition in `sk` from its sorted keys and LCPs.
+
+    Works level by level (v = 1..D) on the shrinking set of key boundaries with LCP >= v, so
+    every step is a linear pass or a search in one level's (sorted) nodes; indices are int32
+    when the task is small enough, which is always the case at a sane memory budget.
+    """
+    keys = sk.keys
     m, w = keys.shape
     depth = w - 1
-    lcp = sk.lcp.astype(np.int32)
-    lv = np.minimum(lcp, depth)  # structure uses LCPs up to D; the (D+1)-th token gives counts
+    it = np.int32 if 2 * m + 2 < np.iinfo(np.int32).max else np.int64
+    lcp = sk.lcp                                     # (m+1,) int16, -1 at partition edges
+    lv = np.minimum(lcp, depth).astype(np.int8 if depth < 127 else np.int16)
+    path = np.minimum(sk.klen, depth).astype(lv.dtype)
 
-    # LCP intervals, level by level over the shrinking set of positions with LCP >= v.
-    starts, ends, vals = [], [], []
-    pos = np.flatnonzero(lv >= 1)
+    # Internal nodes, level by level: an interval of value v is a maximal run of boundaries
+    # with LCP >= v that holds one equal to v; it spans keys pos[first]-1 .. pos[last].
+    lvl_s: list[np.ndarray] = []    # per level: first key of each node (ascending)
+    lvl_e: list[np.ndarray] = []    # last key
+    lvl_b: list[np.ndarray] = []    # boundaries with LCP == v (where the node's runs split)
+    pos = np.flatnonzero(lv >= 1).astype(it)
     val = lv[pos]
     for v in range(1, depth + 1):
         if v > 1:
@@ -96,77 +106,123 @@ def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
             pos, val = pos[keep], val[keep]
         if pos.size == 0:
             break
-        brk = np.flatnonzero(np.diff(pos) != 1) + 1
+        brk = np.flatnonzero(pos[1:] - pos[:-1] != 1) + 1
         rs = np.concatenate(([0], brk))
         re_ = np.concatenate((brk, [pos.size]))
-        eqc = np.concatenate(([0], np.cumsum(val == v)))
+        at_v = val == v
+        eqc = np.concatenate(([0], np.cumsum(at_v, dtype=it)))
         has = eqc[re_] > eqc[rs]
-        starts.append(pos[rs[has]] - 1)
-        ends.append(pos[re_[has] - 1])
-        vals.append(np.full(int(has.sum()), v, dtype=np.int64))
+        lvl_s.append(pos[rs[has]] - 1)
+        lvl_e.append(pos[re_[has] - 1])
+        b = pos[at_v]
+        if v == depth:  # LCP D+1 (identical keys) does not split a depth-D node's counts
+            b = b[lcp[b] == depth]
+        lvl_b.append(b)
+    del pos, val
+    n_lvl = np.array([len(x) for x in lvl_s], dtype=np.int64)
+    lvl_off = np.concatenate(([0], np.cumsum(n_lvl)))
+    n_int = int(lvl_off[-1])
     # Keys that end in a leaf of their own.
-    path = np.minimum(klen, depth)
-    single = np.flatnonzero(np.maximum(lv[:m], lv[1:]) < path)
-    starts.append(single)
-    ends.append(single)
-    vals.append(path[single])
-    # (temporaries are dropped as soon as they are used: this runs at the memory budget)
-    s = np.concatenate(starts).astype(np.int64)
-    e = np.concatenate(ends).astype(np.int64)
-    v = np.concatenate(vals).astype(np.int64)
-    del starts, ends, vals, pos, val, single
-    order = np.lexsort((v, s))  # preorder: by first key, ancestors (smaller v) first
-    s, e, v = s[order], e[order], v[order]
+    single = np.flatnonzero(np.maximum(lv[:m], lv[1:]) < path).astype(it)
+    n = n_int + len(single)
+
+    # Node arrays in "level order": internal nodes of level 1, 2, ..., D, then the leaves.
+    s = np.concatenate([*lvl_s, single]) if n else np.zeros(0, it)
+    e = np.concatenate([*lvl_e, single]) if n else np.zeros(0, it)
+    v = np.concatenate([np.full(len(x), k, lv.dtype) for k, x in enumerate(lvl_s, 1)]
+                       + [path[single]]) if n else np.zeros(0, lv.dtype)
+
+    # Parent: the node of value pv = max(LCP at both edges) whose key range holds key s.
+    pv = np.maximum(lv[s], lv[e + 1])
+    lo = np.zeros(n, dtype=it)  # level-order index of the parent (-1: a partition root)
+    lo[:] = -1
+    order = np.argsort(pv, kind="stable")
+    bounds = np.searchsorted(pv[order], np.arange(depth + 2))
+    for L in range(1, min(len(lvl_s), depth) + 1):
+        q = order[bounds[L]: bounds[L + 1]]
+        if q.size:
+            lo[q] = np.searchsorted(lvl_s[L - 1], s[q], side="right") - 1 + lvl_off[L - 1]
     del order
-    n = len(s)
-
-    # Parent: the interval of value max(LCP at both edges) that contains the first key.
-    pv = np.maximum(lv[s], lv[e + 1]).astype(np.int64)
-    seg = np.searchsorted(sk.seg_ptr, s, side="right") - 1
     is_root = pv < 0
+    seg = np.searchsorted(sk.seg_ptr, s, side="right") - 1
     head = np.where(is_root, sk.seg_depth[seg], pv + 1).astype(np.int16)
-    del seg
-    by_level = v * (m + 1) + s
-    o2 = np.argsort(by_level, kind="stable")
-    k2 = by_level[o2]
-    del by_level
+    del seg, pv, is_root
 
-    def node_at(level: np.ndarray, key: np.ndarray) -> np.ndarray:
-        """Index of the node of value `level` whose key range contains key index `key`."""
-        return o2[np.searchsorted(k2, level * (m + 1) + key, side="right") - 1]
+    # Next-token counts at each endpoint, level by level: a node's keys split into runs at its
+    # LCP == v boundaries; a run's token is the (v+1)-th token of its first key (0: the keys
+    # that end there, which have no successor and are not counted).
+    c_len = np.zeros(n, dtype=it)          # count entries per node (level order)
+    c_node, c_tok, c_val = [], [], []
+    for L in range(1, len(lvl_s) + 1):
+        sL, eL, bL = lvl_s[L - 1], lvl_e[L - 1], lvl_b[L - 1]
+        owner = np.searchsorted(sL, bL, side="right") - 1
+        k = len(sL)
+        # run starts of node i: sL[i], then its boundaries; entry index of each in node order
+        idx_s = np.arange(k) + np.searchsorted(owner, np.arange(k))
+        idx_b = np.arange(len(bL)) + owner + 1
+        g_start = np.empty(k + len(bL), dtype=it)
+        g_own = np.empty(k + len(bL), dtype=it)
+        g_start[idx_s], g_own[idx_s] = sL, np.arange(k)
+        g_start[idx_b], g_own[idx_b] = bL, owner
+        g_end = np.empty_like(g_start)
+        g_end[:-1] = g_start[1:]
+        last = np.ones(len(g_start), dtype=bool)
+        last[:-1] = g_own[1:] != g_own[:-1]
+        g_end[last] = eL[g_own[last]] + 1
+        tok = keys[g_start, L]
+        real = tok != 0
+        own = g_own[real] + lvl_off[L - 1]
+        c_node.append(own)
+        c_tok.append(tok[real])
+        c_val.append((g_end - g_start)[real])
+        c_len[lvl_off[L - 1]: lvl_off[L]] = np.bincount(g_own[real], minlength=k)
+    del lvl_b
+    # a leaf has one run (itself); it has a successor only at depth D with klen = D+1
+    ltok = keys[single, path[single].astype(np.int64)]
+    lreal = np.flatnonzero(ltok != 0)
+    c_node.append((n_int + lreal).astype(it))
+    c_tok.append(ltok[lreal])
+    c_val.append(np.ones(len(lreal), dtype=it))
+    c_len[n_int:] = ltok != 0
+    del ltok, lreal, lvl_s, lvl_e
 
-    parent = np.full(n, -1, dtype=np.int64)
-    nr = np.flatnonzero(~is_root)
-    parent[nr] = node_at(pv[nr], s[nr])
-    del nr, pv, is_root
+    # Preorder (= lexicographic order): by first key, ancestors (smaller v) first.
+    pre = np.lexsort((v, s)).astype(it)     # pre[j] = level-order index of the j-th node
+    rank = np.empty(n, dtype=it)            # rank[level-order index] = preorder index
+    rank[pre] = np.arange(n, dtype=it)
+    s, e, v, head, lo, c_len = s[pre], e[pre], v[pre], head[pre], lo[pre], c_len[pre]
+    parent = np.where(lo >= 0, rank[np.maximum(lo, 0)], -1).astype(np.int64)
+    del lo
+    count_ptr = _ptr(c_len)
+    # scatter the count entries into preorder: entry j of a node goes to count_ptr[node] + j
+    c_node_l = np.concatenate(c_node)
+    c_t = np.concatenate(c_tok)
+    c_v = np.concatenate(c_val)
+    del c_node, c_tok, c_val
+    first = np.ones(len(c_node_l), dtype=bool)       # entries of one node are contiguous
+    first[1:] = c_node_l[1:] != c_node_l[:-1]
+    fidx = np.flatnonzero(first)
+    within = np.arange(len(c_node_l), dtype=np.int64) - np.repeat(fidx, np.diff(
+        np.append(fidx, len(c_node_l))))
+    dest = count_ptr[rank[c_node_l]] + within
+    del first, fidx, within, c_node_l
+    count_token = np.empty(len(dest), dtype=token_dtype)
+    count_value = np.empty(len(dest), dtype=np.int64)
+    count_token[dest] = c_t - 1
+    count_value[dest] = c_v
+    del dest, c_t, c_v
 
-    # Masses: keys that end at the endpoint (corpus-end occurrences) do not count there.
-    size = e - s + 1
-    term = np.flatnonzero(klen <= depth)
-    n_term = np.bincount(node_at(klen[term], term), minlength=n) if term.size else 0
-    end_mass = size - n_term
-    elen = v - head + 1
-    mass = np.where(elen > 1, size, end_mass).astype(np.int64)
-    del size, end_mass, term
+    # Masses: the head of an edge longer than one token has every key of the node; the
+    # endpoint loses the keys that end there (corpus-end occurrences), i.e. it is the sum of
+    # its counts.
+    elen = (v - head + 1).astype(np.int64)
+    cs = np.concatenate(([0], np.cumsum(count_value)))
+    end_mass = cs[count_ptr[1:]] - cs[count_ptr[:-1]]
+    del cs
+    mass = np.where(elen > 1, (e - s + 1).astype(np.int64), end_mass)
+    del end_mass, e
     edge_ptr = _ptr(elen)
-    edge_tokens = gather_edges(keys, s, head.astype(np.int64) - 1, elen, token_dtype)
-    del elen
-
-    # Next-token counts at each endpoint: its keys split into runs by LCP == v.
-    bpos = np.flatnonzero((lcp[1:m] >= 1) & (lcp[1:m] <= depth)) + 1
-    g_start = np.concatenate((s, bpos))
-    g_owner = np.concatenate((np.arange(n), node_at(lcp[bpos].astype(np.int64), bpos - 1)))
-    go = np.lexsort((g_start, g_owner))
-    g_start, g_owner = g_start[go], g_owner[go]
-    same = np.zeros(len(g_start), dtype=bool)
-    same[:-1] = g_owner[1:] == g_owner[:-1]
-    g_end = np.where(same, np.roll(g_start, -1), e[g_owner] + 1)
-    g_tok = keys[g_start, v[g_owner]].astype(np.int64)
-    real = g_tok > 0  # 0: the keys that end here (no successor)
-    count_token = (g_tok[real] - 1).astype(token_dtype)
-    count_value = (g_end - g_start)[real].astype(np.int64)
-    count_ptr = _ptr(np.bincount(g_owner[real], minlength=n))
-    del g_start, g_owner, g_end, g_tok, real, same, go
+    edge_tokens = gather_edges(keys, s, head - 1, v, token_dtype)
     part_ptr = np.searchsorted(s, sk.seg_ptr).astype(np.int64)
     return RadixTrie(parent, head, mass, edge_ptr, edge_tokens, count_ptr, count_token,
                      count_value, part_ptr)
@@ -178,23 +234,27 @@ def _ptr(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def gather_edges(keys: np.ndarray, row: np.ndarray, col0: np.ndarray, length: np.ndarray,
-                 token_dtype: np.dtype, block: int = 1 << 20) -> np.ndarray:
-    """keys[row, col0 : col0+length] - 1 for each node, concatenated, in bounded-memory blocks."""
-    total = int(length.sum())
+def gather_edges(keys: np.ndarray, row: np.ndarray, col0: np.ndarray, col1: np.ndarray,
+                 token_dtype: np.dtype, block: int = 1 << 18) -> np.ndarray:
+    """keys[row, col0 : col1] - 1 for each node, concatenated, in bounded-memory blocks.
+
+    Each block gathers its rows whole and keeps the edge columns with a 2-D mask, which is
+    much cheaper than building one flat index per edge token.
+    """
+    n, w = len(row), keys.shape[1]
+    col0 = np.asarray(col0)
+    col1 = np.asarray(col1)
+    total = int((col1.astype(np.int64) - col0).sum())
     out = np.empty(total, dtype=token_dtype)
-    flat = keys.reshape(-1)
-    w = keys.shape[1]
-    cum = np.cumsum(length)
-    lo_node, lo = 0, 0
-    while lo < total:
-        hi_node = int(np.searchsorted(cum, lo + block, side="right"))
-        hi_node = max(hi_node, lo_node + 1)
-        ln = length[lo_node:hi_node]
-        idx = ranges(row[lo_node:hi_node] * w + col0[lo_node:hi_node], ln)
-        hi = lo + len(idx)
-        out[lo:hi] = flat[idx] - 1
-        lo_node, lo = hi_node, hi
+    cols = np.arange(w, dtype=np.int16)[None, :]
+    at = 0
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        sub = keys[row[lo:hi]]
+        mask = (cols >= col0[lo:hi, None]) & (cols < col1[lo:hi, None])
+        got = sub[mask]
+        out[at: at + len(got)] = got - 1
+        at += len(got)
     return out
 
 
