@@ -1,0 +1,150 @@
+"""What both trainers share: parameters on the device, the optimizer, the schedule,
+checkpoints, metrics, progress, NaN/Inf detection and Ctrl-C handling.
+
+A session advances in *updates*. Position (epoch, unit) and update count are saved with the
+weights and optimizer slots, so `--resume` continues exactly where a run stopped (bit for bit
+on the CPU: every unit's computation depends only on the saved state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from agpt.errors import AgptError
+from agpt.model.config import ModelConfig
+from agpt.store.checkpoint import Checkpoint, save_checkpoint
+from agpt.train.optim import OptimConfig, Optimizer, lr_at
+
+#: reference steps per epoch of auto-LR (the seed: 65 root-child partitions of tinyshakespeare)
+AUTO_LR_REFERENCE = 65
+
+
+class Interrupted(AgptError):
+    """Ctrl-C during training: the state after the last update was saved."""
+
+    exit_code = 130
+
+
+class TrainingDiverged(AgptError):
+    """Loss or gradient became NaN/Inf; the message names the last good checkpoint."""
+
+    exit_code = 3
+
+
+@dataclass
+class Position:
+    epoch: int = 0      # current epoch, 0-based
+    unit: int = 0       # next unit of that epoch
+    update: int = 0     # optimizer updates done
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "unit": self.unit, "update": self.update}
+
+
+@dataclass
+class Session:
+    cfg: ModelConfig
+    be: Any
+    ck: Checkpoint                      # the state being trained (params are copied to device)
+    out: str                            # checkpoint URL written by this run
+    optim: OptimConfig
+    total_updates: int
+    base_lr: float
+    metrics_path: str | None = None
+    progress: bool = True
+    pos: Position = field(default_factory=Position)
+    last_good: str = ""
+
+    def __post_init__(self) -> None:
+        xp = self.be.xp
+        self.params = self.be.asarray(self.ck.params, self.be.dtype).copy()
+        self.grad = xp.zeros_like(self.params)
+        self.opt = Optimizer(self.optim, xp, self.params,
+                             {k: self.be.asarray(v, self.be.dtype) for k, v in self.ck.opt_state.items()},
+                             int(self.ck.state.get("optimizer_t", 0)))
+        p = self.ck.state.get("position")
+        if p:
+            self.pos = Position(**p)
+        self._metrics = open(self.metrics_path, "a") if self.metrics_path else None  # noqa: SIM115
+        self._t0 = time.perf_counter()
+        self._last_print = 0.0
+        self.proc = psutil.Process()
+
+    # -- updates -------------------------------------------------------------------------
+    def lr(self) -> float:
+        return lr_at(self.optim, self.pos.update, self.total_updates, self.base_lr)
+
+    def check_finite(self, loss_sum: float, where: str) -> None:
+        if not math.isfinite(loss_sum) or not bool(self.be.xp.isfinite(self.grad).all()):
+            raise TrainingDiverged(
+                f"loss or gradient became NaN/Inf at {where} (update {self.pos.update + 1}); "
+                f"stopped without applying it. Last good checkpoint: {self.last_good or 'none'}"
+                " (lower --lr or enable --clip, then --resume from it)")
+
+    def update(self, z: float, loss_sum: float, where: str) -> dict[str, float]:
+        """Normalise the accumulated gradient by z, clip, step; zero the gradient."""
+        self.check_finite(loss_sum, where)
+        lr = self.lr()
+        self.grad /= z
+        norm = self.opt.clip(self.grad)
+        self.opt.step(self.params, self.grad, lr)
+        self.grad[...] = 0
+        self.pos.update += 1
+        return {"lr": lr, "grad_norm": norm, "loss": loss_sum / z}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self, extra: dict[str, Any] | None = None) -> None:
+        self.be.synchronize()
+        state = dict(self.ck.state)
+        state.update(extra or {})
+        state["position"] = self.pos.to_dict()
+        state["optimizer_t"] = self.opt.t
+        ck = Checkpoint(self.cfg, self.be.to_host(self.params).copy(),
+                        {k: self.be.to_host(v).copy() for k, v in self.opt.slots.items()},
+                        self.ck.tokenizer, state)
+        save_checkpoint(self.out, ck)
+        self.ck = ck
+        self.last_good = self.out
+
+    # -- metrics and progress ----------------------------------------------------------------
+    def log(self, event: str, **fields: Any) -> None:
+        rec = {"event": event, "step": self.pos.update, "epoch": self.pos.epoch,
+               "time_s": round(time.perf_counter() - self._t0, 4),
+               "rss_mb": round(self.proc.memory_info().rss / 2**20, 1), **fields}
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+
+    def show(self, text: str, final: bool = False) -> None:
+        if not self.progress:
+            return
+        now = time.perf_counter()
+        if final or now - self._last_print > 0.5:
+            end = "\n" if final else ""
+            print(f"\r{text[:150]:<150}", end=end, file=sys.stderr, flush=True)
+            self._last_print = now
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def auto_lr(lr: float, steps_per_epoch: int) -> float:
+    """The seed's auto-LR: lr x 65 / steps per epoch."""
+    return lr * AUTO_LR_REFERENCE / max(1, steps_per_epoch)
+
+
+def default_metrics_path(out: str) -> str | None:
+    if "://" in out:
+        return None
+    return os.path.abspath(out.rstrip("/")) + ".metrics.jsonl"
+
