@@ -228,9 +228,15 @@ class TaskResult:
                 np.array([len(L.count_value) for L in self.leveled], np.int64))
 
 
-def _build_from_keys(keys, klen, starts, pid, p0: int, prefix_len: np.ndarray, V: int,
-                     cfg: BuildConfig, layer: str) -> TaskResult:
-    sk = sort_keys(keys, klen, starts, pid - p0, prefix_len)
+def _build_from_inputs(inputs: list, prefix_len: np.ndarray, V: int, cfg: BuildConfig,
+                       layer: str) -> TaskResult:
+    """[keys, klen, local partition ids] -> task result; the list is emptied so that the
+    unsorted keys are freed as soon as the sorted copy exists."""
+    sk = sort_keys(inputs.pop(0), inputs.pop(0), None, inputs.pop(0), prefix_len)
+    return _finish_task(sk, V, cfg, layer)
+
+
+def _finish_task(sk, V: int, cfg: BuildConfig, layer: str) -> TaskResult:
     rt = radix_from_keys(sk, np.dtype(_token_dtype(V)))
     del sk
     rt = prune(rt, cfg.prune_min_mass, cfg.prune_min_depth)
@@ -244,63 +250,88 @@ def _token_dtype(V: int) -> np.dtype:
 
 def _memory_task(tokens, order_starts, order_ends, order_pid, lo: int, hi: int, p0: int,
                  prefix_len: np.ndarray, V: int, cfg: BuildConfig, layer: str) -> TaskResult:
-    st, de, pid = order_starts[lo:hi], order_ends[lo:hi], order_pid[lo:hi]
+    st, de = order_starts[lo:hi], order_ends[lo:hi]
     keys, klen = gather_keys(tokens, st, de, cfg.max_depth, V)
-    return _build_from_keys(keys, klen, st, pid, p0, prefix_len, V, cfg, layer)
+    inputs = [keys, klen, (order_pid[lo:hi] - p0).astype(np.int32)]
+    del keys, klen
+    return _build_from_inputs(inputs, prefix_len, V, cfg, layer)
 
 
 # -- out-of-core: bucket spills and staged results --------------------------------------------
 
+def _pid_dtype(n_partitions: int) -> np.dtype:
+    """Narrowest signed dtype for partition ids (int16 sorts by radix, in linear time)."""
+    return np.dtype(np.int16 if n_partitions < np.iinfo(np.int16).max else np.int32)
+
+
+def _klen_dtype(depth: int) -> np.dtype:
+    return np.dtype(np.uint8 if depth + 1 <= np.iinfo(np.uint8).max else np.int16)
+
+
 def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, V: int, cfg: BuildConfig, out: str) -> str:
-    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, start.npy, ptr.npy."""
+    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, ptr.npy."""
     done = os.path.join(out, "done")
     if os.path.exists(done):
         return out
     toks, starts, ends = chunks.read(lo)
     klen0 = np.minimum(ends - starts, cfg.max_depth + 1)
-    pid = assign_partitions(plan, toks, starts - lo, klen0)
-    keep = pid >= 0
-    starts, ends, pid = starts[keep], ends[keep], pid[keep]
-    o = np.argsort(pid, kind="stable")
+    pid = assign_partitions(plan, toks, starts - lo, klen0).astype(_pid_dtype(plan.n_partitions))
+    keep = np.flatnonzero(pid >= 0)
+    o = keep[np.argsort(pid[keep], kind="stable")]
     starts, ends, pid = starts[o], ends[o], pid[o]
+    del o, keep, klen0
     keys, klen = gather_keys(toks, starts, ends, cfg.max_depth, V, offset=lo)
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "keys.npy"), keys)
-    np.save(os.path.join(out, "klen.npy"), klen.astype(np.int16))
-    np.save(os.path.join(out, "start.npy"), starts)
+    np.save(os.path.join(out, "klen.npy"), klen.astype(_klen_dtype(cfg.max_depth)))
     np.save(os.path.join(out, "ptr.npy"),
             np.searchsorted(pid, np.arange(plan.n_partitions + 1)).astype(np.int64))
     Path(done).touch()
     return out
 
 
+def _read_rows(path: str, a: int, z: int, out: np.ndarray) -> None:
+    """Rows a..z-1 of a .npy file straight into `out` (no memory map, no intermediate copy)."""
+    with open(path, "rb") as f:
+        fmt = np.lib.format
+        major, _ = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        row = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        f.seek(a * row, os.SEEK_CUR)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = f.readinto(view)
+        if got != (z - a) * row:
+            raise AgptError(f"{path} is truncated: rerun the build (the work dir is reused)")
+
+
 def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V: int,
                 cfg: BuildConfig, layer: str, out: str) -> str:
-    """Build partitions p0..p1-1 from the buckets' slices; stage the result as one .npz."""
+    """Build partitions p0..p1-1 from the buckets' slices; stage the result (a directory)."""
     if os.path.exists(out):
         return out
-    ks, ls, ss, ps = [], [], [], []
+    spans = []
     for b in buckets:
         ptr = np.load(os.path.join(b, "ptr.npy"))
         a, z = int(ptr[p0]), int(ptr[p1])
-        if a == z:
-            continue
-        ks.append(np.array(np.load(os.path.join(b, "keys.npy"), mmap_mode="r")[a:z]))
-        ls.append(np.array(np.load(os.path.join(b, "klen.npy"), mmap_mode="r")[a:z]))
-        ss.append(np.array(np.load(os.path.join(b, "start.npy"), mmap_mode="r")[a:z]))
-        ps.append(_pids(ptr, p0, p1))
+        if a < z:
+            spans.append((b, a, z, np.diff(ptr[p0: p1 + 1])))
+    m = sum(z - a for _, a, z, _ in spans)
     w = cfg.max_depth + 1
-    keys = np.concatenate(ks) if ks else np.zeros((0, w), key_dtype(V))
-    klen = np.concatenate(ls).astype(np.int64) if ls else np.zeros(0, np.int64)
-    starts = np.concatenate(ss) if ss else np.zeros(0, np.int64)
-    pid = np.concatenate(ps) if ps else np.zeros(0, np.int64)
-    res = _build_from_keys(keys, klen, starts, pid, p0, prefix_len, V, cfg, layer)
+    keys = np.empty((m, w), key_dtype(V))
+    klen = np.empty(m, _klen_dtype(cfg.max_depth))
+    pid = np.empty(m, np.int32)
+    at = 0
+    for b, a, z, counts in spans:
+        _read_rows(os.path.join(b, "keys.npy"), a, z, keys[at: at + z - a])
+        _read_rows(os.path.join(b, "klen.npy"), a, z, klen[at: at + z - a])
+        pid[at: at + z - a] = np.repeat(np.arange(p1 - p0, dtype=np.int32), counts)
+        at += z - a
+    inputs = [keys, klen, pid]
+    del keys, klen, pid
+    res = _build_from_inputs(inputs, prefix_len, V, cfg, layer)
     _save_result(res, out)
     return out
-
-
-def _pids(ptr: np.ndarray, p0: int, p1: int) -> np.ndarray:
-    return np.repeat(np.arange(p0, p1, dtype=np.int64), np.diff(ptr[p0: p1 + 1]))
 
 
 _RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr",
@@ -309,37 +340,43 @@ _LEVEL_FIELDS = ("token", "parent", "mass", "count_ptr", "count_token", "count_v
 
 
 def _save_result(res: TaskResult, path: str) -> None:
+    """Stage a task result as a directory of .npy files (no compression, no zip checksums:
+    the writer reads it straight back, compresses and checksums once into the store)."""
     arrays = {f"r_{f}": getattr(res.radix, f) for f in _RADIX_FIELDS}
     if res.leveled is not None:
         for k, L in enumerate(res.leveled, 1):
             arrays.update({f"l{k}_{f}": getattr(L, f) for f in _LEVEL_FIELDS})
         ds, cs = res.depth_sizes()
         arrays["depth_sizes"], arrays["count_sizes"] = ds, cs
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, a in arrays.items():
+        np.save(os.path.join(tmp, name + ".npy"), np.ascontiguousarray(a))
     os.replace(tmp, path)  # a staged piece exists only once it is whole
 
 
 class _Staged:
-    """Lazy view of a staged task result (reads only the arrays asked for)."""
+    """Lazy view of a staged task result (reads only the arrays asked for, memory-mapped)."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def _load(self):
-        return np.load(self.path, allow_pickle=False)
+    def _get(self, name: str) -> np.ndarray:
+        return np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r", allow_pickle=False)
 
     def radix(self) -> RadixTrie:
-        with self._load() as z:
-            return RadixTrie(*(z[f"r_{f}"] for f in _RADIX_FIELDS))
+        return RadixTrie(*(self._get(f"r_{f}") for f in _RADIX_FIELDS))
+
+    def radix_sizes(self) -> tuple[int, int, int]:
+        return (len(self._get("r_parent")), len(self._get("r_edge_tokens")),
+                len(self._get("r_count_value")))
 
     def level(self, k: int) -> LeveledDepth:
-        with self._load() as z:
-            return LeveledDepth(*(z[f"l{k}_{f}"] for f in _LEVEL_FIELDS))
+        return LeveledDepth(*(self._get(f"l{k}_{f}") for f in _LEVEL_FIELDS))
 
     def depth_sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        with self._load() as z:
-            return z["depth_sizes"], z["count_sizes"]
+        return np.array(self._get("depth_sizes")), np.array(self._get("count_sizes"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +467,7 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         work = None
     else:
         work = _work_dir(cfg, out_url, corpus, writer.params, chunk)
+        _check_layout(work)
         _log(cfg, f"work dir {work}")
         bdir = os.path.join(work, "buckets")
         bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, V, cfg,
@@ -439,7 +477,7 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         sdir = os.path.join(work, f"stage-{layer}")
         os.makedirs(sdir, exist_ok=True)
         jobs = [dask.delayed(_spill_task, pure=False)(buckets, a, b, prefix_len[a:b], V, cfg, layer,
-                                                      os.path.join(sdir, f"{i:06d}.npz"))
+                                                      os.path.join(sdir, f"{i:06d}"))
                 for i, (a, b) in enumerate(tasks_ranges)]
         staged = [_Staged(p) for p in _compute(cfg, jobs, "build")]
         radix_pieces = (s.radix() for s in staged)
@@ -451,7 +489,9 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         if in_memory:
             totals = _radix_totals(radix_pieces)
         else:
-            totals = _radix_totals(s.radix() for s in staged)
+            sz = np.array([s.radix_sizes() for s in staged], dtype=np.int64).reshape(-1, 3)
+            totals = dict(zip(("nodes", "edge_tokens", "counts"), map(int, sz.sum(axis=0)),
+                              strict=True))
         totals = writer.write_radix(radix_pieces, totals)
     else:
         ds = np.stack([s[0] for s in sizes])
@@ -473,6 +513,25 @@ def _radix_totals(pieces) -> dict[str, int]:
         e += len(rt.edge_tokens)
         c += len(rt.count_value)
     return {"nodes": n, "edge_tokens": e, "counts": c}
+
+
+#: layout of the bucket and stage files; a work dir of another layout is never reused
+_SPILL_LAYOUT = 2
+
+
+def _check_layout(work: str) -> None:
+    """Start the work dir afresh when it was left by a build with another file layout."""
+    mark = os.path.join(work, "layout")
+    try:
+        with open(mark) as f:
+            ok = f.read().strip() == str(_SPILL_LAYOUT)
+    except OSError:
+        ok = False
+    if not ok:
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work, exist_ok=True)
+        with open(mark, "w") as f:
+            f.write(str(_SPILL_LAYOUT))
 
 
 def _work_dir(cfg: BuildConfig, out_url: str, corpus: CorpusStore, params: dict, chunk: int) -> str:

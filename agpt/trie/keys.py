@@ -22,7 +22,7 @@ class SortedKeys:
 
     keys: np.ndarray      # (m, D+1) ids+1, 0 = past the document end; sorted rows
     klen: np.ndarray      # (m,) real tokens in each key = min(tokens left in document, D+1)
-    start: np.ndarray     # (m,) corpus position of each key
+    start: np.ndarray | None  # (m,) corpus position of each key (None: not tracked)
     lcp: np.ndarray       # (m+1,) int16; lcp[p] = LCP(key p-1, key p); -1 at partition edges
     seg_ptr: np.ndarray   # (S+1,) key offsets of the partitions (segments)
     seg_depth: np.ndarray  # (S,) depth of each partition's root prefix (>= 1)
@@ -58,9 +58,12 @@ def gather_keys(tokens: np.ndarray, starts: np.ndarray, doc_end: np.ndarray, dep
     return keys, klen
 
 
-def sort_keys(keys: np.ndarray, klen: np.ndarray, start: np.ndarray, seg_id: np.ndarray,
+def sort_keys(keys: np.ndarray, klen: np.ndarray, start: np.ndarray | None, seg_id: np.ndarray,
               seg_depth: np.ndarray) -> SortedKeys:
     """Sort keys by (partition, key) and compute adjacent LCPs.
+
+    The caller may pass its only references to the arrays (the unsorted keys are then freed
+    as soon as the sorted copy exists); `start` may be None when positions are not needed.
 
     Rows compare as big-endian byte strings (memcmp order equals lexicographic token order),
     which NumPy sorts at C speed; partitions are kept apart by sorting on seg_id first.
@@ -76,8 +79,9 @@ def sort_keys(keys: np.ndarray, klen: np.ndarray, start: np.ndarray, seg_id: np.
     del raw, be
     keys = keys[order]
     klen = klen[order]
-    start = start[order]
+    start = start[order] if start is not None else None
     seg_id = seg_id[order]
+    del order
     if m and np.any(np.diff(seg_id) < 0):
         raise ValueError("partition ids must follow the lexicographic order of their prefixes")
     seg_ptr = np.searchsorted(seg_id, np.arange(n_seg + 1))
