@@ -81,6 +81,87 @@ def create_array(group: zarr.Group, name: str, shape: int | tuple[int, ...], dty
                               config={"write_empty_chunks": True}, **kw)
 
 
+class ShardEncoder:
+    """Encodes and stores whole shards of a 1-D sharded array made by `create_array`, byte for
+    byte as Zarr would, without Zarr's per-chunk machinery (buffers filled with the fill value,
+    then copied, an event loop round trip per chunk); the codecs are the array's own objects.
+
+    `for_array` returns None for any array whose codecs or layout are not the ones
+    `create_array` makes; callers then write through Zarr.
+    """
+
+    MISSING = np.uint64(2**64 - 1)
+
+    def __init__(self, arr: zarr.Array, blosc: Any):
+        self.arr = arr
+        self.blosc = blosc
+        self.chunk = int(arr.metadata.codecs[0].chunk_shape[0])
+        self.shard = int(arr.shards[0])
+        self.per_shard = self.shard // self.chunk
+        self.dtype = np.dtype(arr.dtype).newbyteorder("<")
+
+    @classmethod
+    def for_array(cls, arr: zarr.Array) -> ShardEncoder | None:
+        from zarr.codecs import BytesCodec, ShardingCodec
+        try:
+            codecs = arr.metadata.codecs
+            if arr.ndim != 1 or arr.shards is None or len(codecs) != 1:
+                return None
+            sc = codecs[0]
+            if not isinstance(sc, ShardingCodec) or sc.index_location.value != "end":
+                return None
+            inner, index = sc.codecs, sc.index_codecs
+            if not (len(inner) == 3 and isinstance(inner[0], BytesCodec)
+                    and isinstance(inner[1], BloscCodec) and isinstance(inner[2], Crc32cCodec)
+                    and len(index) == 2 and isinstance(index[0], BytesCodec)
+                    and isinstance(index[1], Crc32cCodec)):
+                return None
+            if inner[0].endian not in (None, "little") and getattr(inner[0].endian, "value",
+                                                                     None) != "little":
+                return None
+            if index[0].endian is not None and getattr(index[0].endian, "value", "") != "little":
+                return None
+            if arr.metadata.fill_value != 0 or arr.shards[0] % sc.chunk_shape[0]:
+                return None
+            if arr.metadata.encode_chunk_key((7,)) != "c/7":
+                return None
+            blosc = inner[1]._blosc_codec
+        except (AttributeError, TypeError, IndexError):
+            return None
+        return cls(arr, blosc)
+
+    def encode(self, data: np.ndarray) -> bytes:
+        """The stored bytes of one shard holding `data` (<= one shard, from its start)."""
+        import google_crc32c
+
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        index = np.full((self.per_shard, 2), self.MISSING, dtype="<u8")
+        parts = []
+        at = 0
+        for c in range(-(-len(data) // self.chunk)):
+            piece = data[c * self.chunk: (c + 1) * self.chunk]
+            if len(piece) < self.chunk:  # a partial last chunk is stored whole, zero-filled
+                piece = np.concatenate((piece, np.zeros(self.chunk - len(piece), self.dtype)))
+            body = self.blosc.encode(piece)
+            parts.append(body)
+            parts.append(google_crc32c.value(body).to_bytes(4, "little"))
+            index[c] = (at, len(body) + 4)
+            at += len(body) + 4
+        raw = index.tobytes()
+        parts.append(raw)
+        parts.append(google_crc32c.value(raw).to_bytes(4, "little"))
+        return b"".join(parts)
+
+    def write(self, shard_index: int, data: np.ndarray) -> None:
+        """Encode and store shard `shard_index` (safe to call from several threads at once)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buf = default_buffer_prototype().buffer.from_bytes(self.encode(data))
+        key = self.arr.metadata.encode_chunk_key((shard_index,))
+        sync((self.arr.store_path / key).set(buf))
+
+
 def write_array(group: zarr.Group, name: str, data: np.ndarray, **kw: Any) -> zarr.Array:
     """Create `name` and write `data` into it in one call (zarr encodes chunks concurrently)."""
     data = np.ascontiguousarray(data)

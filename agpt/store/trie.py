@@ -39,9 +39,32 @@ LAYERS = ("radix", "leveled")
 COUNT_FIELDS = ("count_ptr", "count_token", "count_value")
 
 
+#: shards each array's writer compresses in the background while the caller goes on
+WRITE_INFLIGHT = 2
+
+
 def Appender(group: zarr.Group, name: str, total: int, dtype: Any) -> BlockWriter:  # noqa: N802
-    """A new array filled front to back in whole shards (see BlockWriter)."""
-    return BlockWriter(create_array(group, name, total, dtype))
+    """A new array filled front to back in whole shards (see BlockWriter), compressing
+    WRITE_INFLIGHT shards in background threads; close() or abort() it (see _closing)."""
+    return BlockWriter(create_array(group, name, total, dtype), inflight=WRITE_INFLIGHT)
+
+
+class _closing:  # noqa: N801
+    """Close every appender on success; on an error, cancel and wait for their writes."""
+
+    def __init__(self, appenders: dict[str, BlockWriter]):
+        self.appenders = appenders
+
+    def __enter__(self) -> dict[str, BlockWriter]:
+        return self.appenders
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            for a in self.appenders.values():
+                a.close()
+        else:
+            for a in self.appenders.values():
+                a.abort()
 
 
 @dataclass
@@ -260,25 +283,24 @@ class TrieWriter:
             "count_token": Appender(g, "count_token", C, tok),
             "count_value": Appender(g, "count_value", C, np.int64),
         }
-        n0 = e0 = c0 = 0
-        part_ptr = [0]
-        for rt in parts:
-            ap["parent"].write(np.where(rt.parent >= 0, rt.parent + n0, -1))
-            ap["head"].write(rt.head)
-            ap["mass"].write(rt.mass)
-            ap["edge_ptr"].write(rt.edge_ptr[:-1] + e0)
-            ap["edge_tokens"].write(rt.edge_tokens)
-            ap["count_ptr"].write(rt.count_ptr[:-1] + c0)
-            ap["count_token"].write(rt.count_token)
-            ap["count_value"].write(rt.count_value)
-            part_ptr.extend((rt.part_ptr[1:] + n0).tolist())
-            n0 += rt.n_nodes
-            e0 += len(rt.edge_tokens)
-            c0 += len(rt.count_value)
-        ap["edge_ptr"].write(np.array([e0]))
-        ap["count_ptr"].write(np.array([c0]))
-        for a in ap.values():
-            a.close()
+        with _closing(ap):
+            n0 = e0 = c0 = 0
+            part_ptr = [0]
+            for rt in parts:
+                ap["parent"].write(np.where(rt.parent >= 0, rt.parent + n0, -1))
+                ap["head"].write(rt.head)
+                ap["mass"].write(rt.mass)
+                ap["edge_ptr"].write(rt.edge_ptr[:-1] + e0)
+                ap["edge_tokens"].write(rt.edge_tokens)
+                ap["count_ptr"].write(rt.count_ptr[:-1] + c0)
+                ap["count_token"].write(rt.count_token)
+                ap["count_value"].write(rt.count_value)
+                part_ptr.extend((rt.part_ptr[1:] + n0).tolist())
+                n0 += rt.n_nodes
+                e0 += len(rt.edge_tokens)
+                c0 += len(rt.count_value)
+            ap["edge_ptr"].write(np.array([e0]))
+            ap["count_ptr"].write(np.array([c0]))
         write_array(self.group.require_group("partitions"), "radix_ptr", np.array(part_ptr, np.int64))
         totals = {"radix_nodes": n0, "radix_edge_tokens": e0, "radix_counts": c0}
         self._update(layers={"radix": {"status": "complete"}}, totals=totals)
@@ -304,26 +326,25 @@ class TrieWriter:
               "count_ptr": Appender(g, "count_ptr", N + 1, np.int64),
               "count_token": Appender(g, "count_token", C, tok),
               "count_value": Appender(g, "count_value", C, np.int64)}
-        c0 = 0
-        rows = []
-        for k in range(1, D + 1):
-            row = [int(depth_start[k - 1])]
-            for i, piece in enumerate(pieces):
-                L: LeveledDepth = piece(k)
-                base = depth_start[k - 2] + piece_off[i, k - 2] if k > 1 else 0
-                ap["token"].write(L.token)
-                ap["parent"].write(np.where(L.parent >= 0, L.parent + base, -1))
-                ap["mass"].write(L.mass)
-                ap["count_ptr"].write(L.count_ptr[:-1] + c0)
-                ap["count_token"].write(L.count_token)
-                ap["count_value"].write(L.count_value)
-                c0 += len(L.count_value)
-                start = depth_start[k - 1] + piece_off[i, k - 1]
-                row.extend((L.part_ptr[1:] + start).tolist())
-            rows.append(row)
-        ap["count_ptr"].write(np.array([c0]))
-        for a in ap.values():
-            a.close()
+        with _closing(ap):
+            c0 = 0
+            rows = []
+            for k in range(1, D + 1):
+                row = [int(depth_start[k - 1])]
+                for i, piece in enumerate(pieces):
+                    L: LeveledDepth = piece(k)
+                    base = depth_start[k - 2] + piece_off[i, k - 2] if k > 1 else 0
+                    ap["token"].write(L.token)
+                    ap["parent"].write(np.where(L.parent >= 0, L.parent + base, -1))
+                    ap["mass"].write(L.mass)
+                    ap["count_ptr"].write(L.count_ptr[:-1] + c0)
+                    ap["count_token"].write(L.count_token)
+                    ap["count_value"].write(L.count_value)
+                    c0 += len(L.count_value)
+                    start = depth_start[k - 1] + piece_off[i, k - 1]
+                    row.extend((L.part_ptr[1:] + start).tolist())
+                rows.append(row)
+            ap["count_ptr"].write(np.array([c0]))
         write_array(self.group.require_group("partitions"), "leveled_ptr",
                     np.array(rows, dtype=np.int64))
         spine_per_depth = np.bincount(self.group["spine/depth"][:], minlength=D + 1)
