@@ -214,6 +214,64 @@ def test_interrupted_build_never_opens_and_resumes(tmp_path: Path, monkeypatch) 
     check_store(out, corpus, 6)
 
 
+def _markov_text(n: int, seed: int) -> str:
+    """Order-2 character chain over a small alphabet: long shared contexts, many leaves."""
+    rng = np.random.default_rng(seed)
+    alpha = np.array(list("abcde fg"))
+    out = list("ab")
+    table = rng.dirichlet(np.full(len(alpha), 0.3), size=(len(alpha), len(alpha)))
+    idx = {c: i for i, c in enumerate(alpha)}
+    for _ in range(n - 2):
+        p = table[idx[out[-2]], idx[out[-1]]]
+        out.append(str(alpha[rng.choice(len(alpha), p=p)]))
+    return "".join(out)
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_spilled_build_equals_in_memory_build(tmp_path: Path, scheduler: str) -> None:
+    """Out of core under a small memory limit (many buckets and tasks) = the in-memory build,
+    array for array; the radix layer expands to the same leveled layer."""
+    texts = [_markov_text(30_000, 1), _markov_text(12_000, 2), "ab"]
+    corpus = make_corpus(tmp_path, texts, documents=True)
+    kw = {"partition": "auto", "partition_budget": 2_000}
+    mem, ooc = str(tmp_path / "mem.zarr"), str(tmp_path / "ooc.zarr")
+    build_trie(corpus, mem, "radix", cfg(12, **kw))
+    build_trie(corpus, ooc, "radix", cfg(12, out_of_core=True, memory_limit=300 << 20,
+                                         chunk_tokens=4_000, task_keys=3_000,
+                                         scheduler=scheduler, **kw))
+    a, b = open_trie(mem), open_trie(ooc)
+    assert a.totals() == b.totals() and a.n_partitions == b.n_partitions > 10
+    ra, rb = a.radix(), b.radix()
+    for f in ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
+              "count_value", "part_ptr"):
+        assert np.array_equal(getattr(ra, f), getattr(rb, f)), f
+    assert not Path(ooc + ".work").exists()
+
+
+def test_work_dir_of_another_layout_is_discarded(tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path, [_markov_text(3_000, 3)])
+    out = str(tmp_path / "t.zarr")
+    work = Path(out + ".work")
+    (work / "buckets" / "000000").mkdir(parents=True)
+    (work / "buckets" / "000000" / "done").touch()  # would be trusted if the layout matched
+    (work / "layout").write_text("1")
+    build_trie(corpus, out, "radix", cfg(6, out_of_core=True, chunk_tokens=500))
+    ref = str(tmp_path / "ref.zarr")
+    build_trie(corpus, ref, "radix", cfg(6))
+    assert open_trie(out).totals() == open_trie(ref).totals()
+    assert not work.exists()
+
+
+def test_memory_model_fits_the_limit() -> None:
+    """Workers x task memory + the fixed base stay within --memory-limit."""
+    for D in (8, 16, 32, 64):
+        for limit in (300 << 20, 1 << 30, 8 << 30):
+            per = build_mod.bytes_per_key(D, 1, "radix")
+            task_keys = (limit - build_mod.BASE_BYTES) // (2 * per)
+            assert 2 * task_keys * per + build_mod.BASE_BYTES <= limit
+            assert per >= 100 + 4 * (D + 1)  # measured peaks: 108..289 B/key for D = 8..64
+
+
 def test_tinyshakespeare_spec_figures(tmp_path: Path, tiny_shakespeare: Path) -> None:
     corpus = str(tmp_path / "ts.zarr")
     ingest([str(tiny_shakespeare)], corpus, holdout=0.0)
@@ -301,7 +359,8 @@ def test_other_format_version_and_corrupt_chunk(tmp_path: Path, small_corpus: st
 
 
 def test_partition_too_big_for_memory(run_cli, tmp_path: Path) -> None:
-    corpus = make_corpus(tmp_path, ["ab" * 200_000])
+    # 2 unigram partitions of 400,000 starts; 265MiB leaves room for ~316,000 keys per task
+    corpus = make_corpus(tmp_path, ["ab" * 400_000])
     code, _, err = run_cli("build-radix", corpus, "-o", tmp_path / "t.zarr", "-D", "8",
                            "--memory-limit", "265MiB", "--workers", "1")
     assert code != 0 and "--partition auto" in err
