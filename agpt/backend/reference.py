@@ -16,6 +16,9 @@ from agpt.model.layout import TreeLayout, WindowLayout
 class NumpyBackend:
     name = "numpy"
     xp = np
+    #: rows per trie chunk that keep the ancestor gathers in cache (measured: 2-4K rows run
+    #: ~1.5x faster than 32K on the 2-core machine); chunking never changes the math
+    chunk_rows = 4096
 
     def __init__(self, dtype: Any = "float32"):
         self.dtype = np.dtype(dtype)

@@ -128,7 +128,8 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int 
     cfg, be = s.cfg, s.be
     V = store.vocab_size
     n_units = unit_count(store)
-    max_rows = rows_for_budget(cfg, store.max_depth, be.dtype.itemsize, args.memory_budget)
+    max_rows = min(rows_for_budget(cfg, store.max_depth, be.dtype.itemsize, args.memory_budget),
+                   max(be.chunk_rows, 2 * store.max_depth))
     truncated = args.gradient == "truncated"
     last = min(args.epochs, until_epoch or args.epochs)
     while s.pos.epoch < last:

@@ -1,0 +1,173 @@
+"""Training benchmarks on tinyshakespeare (read from ../shared/data; skipped when absent).
+
+    python bench/train.py --cases throughput [--repeats 3] [--device cpu]
+    python bench/train.py --cases quality [--depth 16] [--epochs 3]
+
+throughput  trie rows/s (exact gradient, one update per partition, micro model) over a fixed
+            set of partitions after a warm-up partition, and window positions/s (batch 64 of
+            seq D) after warm-up steps; medians of --repeats.
+quality     the seed recipe on a D-deep trie of the corpus with a 10% held-out tail, then the
+            window baseline (seq D, adamw 3e-3, random starts) for the same wall time; held-out
+            PPL of both (sliding window, context D, stride 1). Slow on a CPU: ~an hour at D=16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+from agpt.backend import get_backend  # noqa: E402
+from agpt.ingest import ingest  # noqa: E402
+from agpt.model.config import preset  # noqa: E402
+from agpt.model.gpt import loss_and_grad  # noqa: E402
+from agpt.model.params import init_params  # noqa: E402
+from agpt.store.trie import open_trie  # noqa: E402
+from agpt.train.batches import unit_batch, window_batch  # noqa: E402
+from agpt.train.objective import Weighting  # noqa: E402
+from agpt.train.optim import OptimConfig, Optimizer  # noqa: E402
+from agpt.train.run import SEED_RECIPE, train_trie, train_window  # noqa: E402
+from agpt.train.trie_trainer import TrieArgs, load_unit, rows_for_budget  # noqa: E402
+from agpt.train.units import chunks  # noqa: E402
+from agpt.train.window_trainer import WindowArgs, corpus_windows  # noqa: E402
+from pipelines.build import BuildConfig, build_trie  # noqa: E402
+
+
+def stores(work: Path, depth: int) -> tuple[str, str]:
+    corpus, trie = str(work / "ts.zarr"), str(work / f"ts{depth}.zarr")
+    if not Path(corpus).exists():
+        ingest([str(TS)], corpus, holdout=0.1, force=True)
+    if not Path(trie).exists():
+        build_trie(corpus, trie, "radix", BuildConfig(max_depth=depth, progress=False))
+    return corpus, trie
+
+
+def throughput(work: Path, depth: int, repeats: int, device: str) -> dict:
+    _, trie = stores(work, depth)
+    t = open_trie(trie)
+    be = get_backend(device, "float32")
+    cfg = preset("micro", t.vocab_size, depth)
+    flat = be.asarray(init_params(cfg, np.random.default_rng(0)))
+    grad = be.xp.zeros_like(flat)
+    opt = Optimizer(OptimConfig("rmsprop", lr=1e-4), be.xp, flat)
+    max_rows = min(rows_for_budget(cfg, depth, 4, 2 << 30), be.chunk_rows)
+    sizes = np.array([load_unit(t, p).n_rows for p in range(t.n_partitions)])
+    picks = [int(p) for p in np.argsort(np.abs(sizes - 60_000))[:4]]   # four ~60K-row units
+    units = [load_unit(t, p) for p in picks]
+    w = Weighting("linear", 1.0)
+
+    def one(u) -> None:
+        z = 0.0
+        for c in chunks(u, max_rows):
+            b, zc = unit_batch(be, c, t.vocab_size, w)
+            loss_and_grad(cfg, be, flat, b, grad)
+            z += zc
+        grad[...] /= z
+        opt.step(flat, grad, 1e-4)
+        grad[...] = 0
+
+    one(units[0])                                            # warm-up
+    rates = []
+    rows = sum(u.n_rows for u in units)
+    for _ in range(repeats):
+        be.synchronize()
+        t0 = time.perf_counter()
+        for u in units:
+            one(u)
+        be.synchronize()
+        rates.append(rows / (time.perf_counter() - t0))
+    toks, starts, lengths = corpus_windows(t.corpus, depth)
+    rng = np.random.default_rng(0)
+    wrates = []
+    for r in range(repeats + 1):
+        t0, n = time.perf_counter(), 0
+        for _ in range(10):
+            sel = rng.integers(0, len(starts), 64)
+            b, z = window_batch(be, toks, starts[sel], lengths[sel], depth)
+            loss_and_grad(cfg, be, flat, b, grad)
+            grad[...] /= z
+            opt.step(flat, grad, 1e-4)
+            grad[...] = 0
+            n += int(z)
+        be.synchronize()
+        if r:                                                # the first round is warm-up
+            wrates.append(n / (time.perf_counter() - t0))
+    return {"case": f"throughput D={depth}", "device": be.name, "trie_rows": rows,
+            "trie_rows_per_s": statistics.median(rates), "trie_rows_per_s_all": rates,
+            "window_positions_per_s": statistics.median(wrates), "window_all": wrates,
+            "epoch_rows": int(t.totals().get("radix_edge_tokens", 0))}
+
+
+def heldout_ppl(corpus_url: str, ckpt: str, context: int, device: str) -> dict:
+    """`agpt perplexity` on the held-out tail: sliding window, context D, stride 1."""
+    out = subprocess.run([sys.executable, "-m", "agpt", "perplexity", ckpt, "--store", corpus_url,
+                          "--context", str(context), "--device", device, "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    return {k: r[k] for k in ("nll", "ppl", "bits_per_token", "tokens")}
+
+
+def quality(work: Path, depth: int, epochs: int, device: str) -> dict:
+    corpus, trie = stores(work, depth)
+    out_t, out_w = work / f"trie-d{depth}.ckpt", work / f"window-s{depth}.ckpt"
+    for p in (out_t, out_w):
+        if p.exists():
+            import shutil
+            shutil.rmtree(p)
+    r = SEED_RECIPE
+    args = TrieArgs(epochs=epochs, step="partition", mass_weight=r["mass_weight"],
+                    entropy_lambda=r["entropy_lambda"])
+    opt = OptimConfig(r["optimizer"], lr=r["lr"], beta2=r["beta2"], schedule=r["schedule"])
+    t0 = time.perf_counter()
+    res_t = train_trie(trie, str(out_t), args, opt, auto=True, warmup_epochs=1.0, device=device)
+    secs = time.perf_counter() - t0
+    wargs = WindowArgs(seq_len=depth, batch_size=64, starts="random", steps=10**9,
+                       checkpoint_every=0)
+    t1 = time.perf_counter()
+    res_w = train_window(trie, str(out_w), wargs, OptimConfig("adamw", lr=3e-3), device=device,
+                         seconds=secs)
+    wsecs = time.perf_counter() - t1
+    return {"case": f"quality D={depth}", "device": device,
+            "trie": {"seconds": secs, **res_t, **heldout_ppl(corpus, str(out_t), depth, device)},
+            "window": {"seconds": wsecs, **res_w, **heldout_ppl(corpus, str(out_w), depth, device)}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cases", default="throughput")
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    if not TS.is_file():
+        print(f"{TS} not found: skipping")
+        return
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="agpt-train-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for case in a.cases.split(","):
+        t0 = time.perf_counter()
+        if case == "throughput":
+            res = throughput(work, a.depth, a.repeats, a.device)
+        elif case == "quality":
+            res = quality(work, a.depth, a.epochs, a.device)
+        else:
+            raise SystemExit(f"unknown case {case!r}: use throughput or quality")
+        res["bench_seconds"] = time.perf_counter() - t0
+        print(json.dumps(res, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()
