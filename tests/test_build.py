@@ -236,7 +236,7 @@ def test_spilled_build_equals_in_memory_build(tmp_path: Path, scheduler: str) ->
     kw = {"partition": "auto", "partition_budget": 2_000}
     mem, ooc = str(tmp_path / "mem.zarr"), str(tmp_path / "ooc.zarr")
     build_trie(corpus, mem, "radix", cfg(12, **kw))
-    build_trie(corpus, ooc, "radix", cfg(12, out_of_core=True, memory_limit=300 << 20,
+    build_trie(corpus, ooc, "radix", cfg(12, out_of_core=True, memory_limit=400 << 20,
                                          chunk_tokens=4_000, task_keys=3_000,
                                          scheduler=scheduler, **kw))
     a, b = open_trie(mem), open_trie(ooc)
@@ -265,7 +265,7 @@ def test_work_dir_of_another_layout_is_discarded(tmp_path: Path) -> None:
 def test_memory_model_fits_the_limit() -> None:
     """Workers x task memory + the fixed base stay within --memory-limit."""
     for D in (8, 16, 32, 64):
-        for limit in (300 << 20, 1 << 30, 8 << 30):
+        for limit in (400 << 20, 1 << 30, 8 << 30):
             per = build_mod.bytes_per_key(D, 1, "radix")
             task_keys = (limit - build_mod.BASE_BYTES) // (2 * per)
             assert 2 * task_keys * per + build_mod.BASE_BYTES <= limit
@@ -359,8 +359,8 @@ def test_other_format_version_and_corrupt_chunk(tmp_path: Path, small_corpus: st
 
 
 def test_partition_too_big_for_memory(run_cli, tmp_path: Path) -> None:
-    # 2 unigram partitions of 400,000 starts; 265MiB leaves room for ~316,000 keys per task
-    corpus = make_corpus(tmp_path, ["ab" * 400_000])
+    # 2 unigram partitions of 600,000 starts; 400MiB leaves room for ~485,000 keys per task
+    corpus = make_corpus(tmp_path, ["ab" * 600_000])
     code, _, err = run_cli("build-radix", corpus, "-o", tmp_path / "t.zarr", "-D", "8",
-                           "--memory-limit", "265MiB", "--workers", "1")
+                           "--memory-limit", "400MiB", "--workers", "1")
     assert code != 0 and "--partition auto" in err
