@@ -16,6 +16,7 @@ def _common(f):
     opts = [
         click.option("-o", "--out", required=True, help="Checkpoint written by this run (Zarr)."),
         click.option("--resume", is_flag=True, help="Continue the run saved at --out exactly."),
+        click.option("--force", is_flag=True, help="Start over, replacing a checkpoint at --out."),
         click.option("--init", default=None, help="Start from this checkpoint (agpt init / import)."),
         click.option("--model", "model", default="micro", show_default=True,
                      help="Preset of a fresh model: micro (the seed's µGPT), small, base, large."),
@@ -101,7 +102,7 @@ def train_cmd(store: str, recipe: str | None, **kw) -> None:
                      resume=kw["resume"], auto=pick("auto_lr", False),
                      warmup_epochs=pick("warmup_epochs", 0.0), device=kw["device"],
                      dtype=kw["dtype"], metrics=kw["metrics"], until_epoch=kw["until_epoch"],
-                     progress=not kw["quiet"])
+                     progress=not kw["quiet"], force=kw["force"])
     click.echo(json.dumps(res))
 
 
@@ -129,5 +130,5 @@ def train_window_cmd(store: str, **kw) -> None:
                        model=kw["model"], resume=kw["resume"],
                        warmup_epochs=kw["warmup_epochs"] or 0.0, device=kw["device"],
                        dtype=kw["dtype"], metrics=kw["metrics"], seconds=kw["seconds"],
-                       progress=not kw["quiet"])
+                       progress=not kw["quiet"], force=kw["force"])
     click.echo(json.dumps(res))

@@ -45,7 +45,7 @@ def _starting_checkpoint(init: str | None, model: str, vocab_tok: dict, vocab_si
 
 def _prepare(kind: str, source: dict[str, Any], out: str, resume: bool, init: str | None,
              model: str, context: int, seed: int, dtype: str, settings: dict[str, Any],
-             corpus: CorpusStore) -> Checkpoint:
+             corpus: CorpusStore, force: bool = False) -> Checkpoint:
     """The checkpoint to continue (resume) or start from (init / a fresh preset)."""
     tok = corpus.tokenizer.to_meta()
     if resume:
@@ -63,8 +63,9 @@ def _prepare(kind: str, source: dict[str, Any], out: str, resume: bool, init: st
                 raise AgptError(f"{out} was written with {k}={old!r}, not {v!r}: resume without "
                                 "changing settings (or start a new run with another -o)")
     else:
-        if os.path.exists(out):
-            raise AgptError(f"{out} exists: pass --resume to continue it, or choose another -o")
+        if os.path.exists(out) and not force:
+            raise AgptError(f"{out} exists: pass --resume to continue it, --force to replace it, "
+                            "or choose another -o")
         ck = _starting_checkpoint(init, model, tok, corpus.vocab_size, context, seed, dtype)
         ck.opt_state = {}   # a new run starts a fresh optimizer
         ck.state = {"kind": kind, "source": source, "settings": settings,
@@ -74,17 +75,20 @@ def _prepare(kind: str, source: dict[str, Any], out: str, resume: bool, init: st
 
 
 def _session(ck: Checkpoint, out: str, optim: OptimConfig, total: int, base_lr: float,
-             device: str, metrics: str | None, progress: bool) -> Session:
+             device: str, metrics: str | None, progress: bool, resume: bool) -> Session:
     be = get_backend(device, ck.params.dtype)
-    return Session(ck.config, be, ck, out, optim, total, base_lr,
-                   metrics if metrics is not None else default_metrics_path(out), progress)
+    path = metrics if metrics is not None else default_metrics_path(out)
+    if path and not resume and os.path.exists(path):
+        os.remove(path)            # a new run starts a new metrics file
+    return Session(ck.config, be, ck, out, optim, total, base_lr, path, progress)
 
 
 def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
                init: str | None = None, model: str = "micro", resume: bool = False,
                auto: bool = False, warmup_epochs: float = 0.0, device: str = "cpu",
                dtype: str = "float32", metrics: str | None = None, until_epoch: int | None = None,
-               progress: bool = True, on_epoch: Callable | None = None) -> dict[str, Any]:
+               progress: bool = True, on_epoch: Callable | None = None,
+               force: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model on a trie store's radix layer."""
     store: TrieStore = open_trie(store_url)
     store._need("radix")
@@ -98,8 +102,9 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
     source = {"url": store_url, "corpus_sha256": store.corpus.corpus_sha256,
               "max_depth": store.max_depth, "partitions": store.n_partitions}
     ck = _prepare("trie", source, out, resume, init, model, store.max_depth, args.seed, dtype,
-                  settings, store.corpus)
-    s = _session(ck, out, optim, args.epochs * per_epoch, base_lr, device, metrics, progress)
+                  settings, store.corpus, force)
+    s = _session(ck, out, optim, args.epochs * per_epoch, base_lr, device, metrics, progress,
+                 resume)
     s.last_good = out if resume else ""
     try:
         train_epochs(s, store, args, until_epoch, on_epoch)
@@ -115,7 +120,7 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
                  init: str | None = None, model: str = "micro", resume: bool = False,
                  warmup_epochs: float = 0.0, device: str = "cpu", dtype: str = "float32",
                  metrics: str | None = None, seconds: float | None = None, progress: bool = True,
-                 on_epoch: Callable | None = None) -> dict[str, Any]:
+                 on_epoch: Callable | None = None, force: bool = False) -> dict[str, Any]:
     """Train (or continue) the same model on ordinary windows of a corpus (or trie) store."""
     corpus = _corpus_of(corpus_url)
     _, starts, _ = corpus_windows(corpus, args.seq_len)
@@ -127,8 +132,9 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
                 "optimizer": optim.to_dict()}
     source = {"url": corpus_url, "corpus_sha256": corpus.corpus_sha256}
     ck = _prepare("window", source, out, resume, init, model, args.seq_len, args.seed, dtype,
-                  settings, corpus)
-    s = _session(ck, out, optim, epochs * per_epoch, optim.lr, device, metrics, progress)
+                  settings, corpus, force)
+    s = _session(ck, out, optim, epochs * per_epoch, optim.lr, device, metrics, progress,
+                 resume)
     s.last_good = out if resume else ""
     try:
         train_windows(s, corpus, args, seconds, on_epoch)
