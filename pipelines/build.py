@@ -379,6 +379,10 @@ def _release_memory() -> None:
 _RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr",
                  "count_token", "count_value", "part_ptr")
 _LEVEL_FIELDS = ("token", "parent", "mass", "count_ptr", "count_token", "count_value", "part_ptr")
+#: the int64 fields (staged as int32 when they fit, see _narrow)
+_RADIX_DTYPES = dict.fromkeys(("parent", "mass", "edge_ptr", "count_ptr", "count_value",
+                               "part_ptr"), np.int64)
+_LEVEL_DTYPES = dict.fromkeys(("parent", "mass", "count_ptr", "count_value", "part_ptr"), np.int64)
 
 
 def _save_result(res: TaskResult, path: str) -> None:
@@ -394,8 +398,19 @@ def _save_result(res: TaskResult, path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for name, a in arrays.items():
-        np.save(os.path.join(tmp, name + ".npy"), np.ascontiguousarray(a))
+        np.save(os.path.join(tmp, name + ".npy"), _narrow(np.ascontiguousarray(a)))
     os.replace(tmp, path)  # a staged piece exists only once it is whole
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """int64 -> int32 when the values fit: halves the staged bytes (readers widen them back)."""
+    if a.dtype == np.int64 and a.size and -(1 << 31) <= a.min() and a.max() < (1 << 31):
+        return a.astype(np.int32)
+    return a
+
+
+def _widen(a: np.ndarray, like: np.dtype) -> np.ndarray:
+    return a if a.dtype == like else a.astype(like)
 
 
 class _Staged:
@@ -404,21 +419,23 @@ class _Staged:
     def __init__(self, path: str):
         self.path = path
 
-    def _get(self, name: str) -> np.ndarray:
-        return np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r", allow_pickle=False)
+    def _get(self, name: str, dtype: np.dtype | None = None) -> np.ndarray:
+        a = np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r", allow_pickle=False)
+        return a if dtype is None else _widen(a, np.dtype(dtype))
 
     def radix(self) -> RadixTrie:
-        return RadixTrie(*(self._get(f"r_{f}") for f in _RADIX_FIELDS))
+        return RadixTrie(*(self._get(f"r_{f}", _RADIX_DTYPES.get(f)) for f in _RADIX_FIELDS))
 
     def radix_sizes(self) -> tuple[int, int, int]:
         return (len(self._get("r_parent")), len(self._get("r_edge_tokens")),
                 len(self._get("r_count_value")))
 
     def level(self, k: int) -> LeveledDepth:
-        return LeveledDepth(*(self._get(f"l{k}_{f}") for f in _LEVEL_FIELDS))
+        return LeveledDepth(*(self._get(f"l{k}_{f}", _LEVEL_DTYPES.get(f)) for f in _LEVEL_FIELDS))
 
     def depth_sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.array(self._get("depth_sizes")), np.array(self._get("count_sizes"))
+        return (np.array(self._get("depth_sizes"), dtype=np.int64),
+                np.array(self._get("count_sizes"), dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
