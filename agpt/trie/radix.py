@@ -242,18 +242,20 @@ def gather_edges(keys: np.ndarray, row: np.ndarray, col0: np.ndarray, col1: np.n
     much cheaper than building one flat index per edge token.
     """
     n, w = len(row), keys.shape[1]
-    col0 = np.asarray(col0)
-    col1 = np.asarray(col1)
+    cd = np.int8 if w < 127 else np.int16  # narrow compares: this runs over n x w cells
+    col0 = np.asarray(col0).astype(cd)
+    col1 = np.asarray(col1).astype(cd)
     total = int((col1.astype(np.int64) - col0).sum())
     out = np.empty(total, dtype=token_dtype)
-    cols = np.arange(w, dtype=np.int16)[None, :]
+    cols = np.arange(w, dtype=cd)[None, :]
     at = 0
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         sub = keys[row[lo:hi]]
-        mask = (cols >= col0[lo:hi, None]) & (cols < col1[lo:hi, None])
+        mask = cols >= col0[lo:hi, None]
+        mask &= cols < col1[lo:hi, None]
         got = sub[mask]
-        out[at: at + len(got)] = got - 1
+        np.subtract(got, 1, out=out[at: at + len(got)], casting="unsafe")
         at += len(got)
     return out
 
