@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,10 +39,9 @@ from agpt.store.trie import open_trie  # noqa: E402
 from agpt.train.batches import unit_batch, window_batch  # noqa: E402
 from agpt.train.objective import Weighting  # noqa: E402
 from agpt.train.optim import OptimConfig, Optimizer  # noqa: E402
-from agpt.train.run import SEED_RECIPE, train_trie, train_window  # noqa: E402
-from agpt.train.trie_trainer import TrieArgs, load_unit, rows_for_budget  # noqa: E402
+from agpt.train.trie_trainer import load_unit, rows_for_budget  # noqa: E402
 from agpt.train.units import chunks  # noqa: E402
-from agpt.train.window_trainer import WindowArgs, corpus_windows  # noqa: E402
+from agpt.train.window_trainer import corpus_windows  # noqa: E402
 from pipelines.build import BuildConfig, build_trie  # noqa: E402
 
 
@@ -119,28 +120,43 @@ def heldout_ppl(corpus_url: str, ckpt: str, context: int, device: str) -> dict:
 
 
 def quality(work: Path, depth: int, epochs: int, device: str) -> dict:
+    """The seed recipe on the trie and the window baseline, run side by side for the same wall
+    time: the window run starts with the trie run and is stopped (Ctrl-C: it checkpoints) the
+    moment the trie run ends. Each process gets one BLAS thread, so on a 2-core machine each
+    has a core."""
     corpus, trie = stores(work, depth)
     out_t, out_w = work / f"trie-d{depth}.ckpt", work / f"window-s{depth}.ckpt"
-    for p in (out_t, out_w):
-        if p.exists():
-            import shutil
-            shutil.rmtree(p)
-    r = SEED_RECIPE
-    args = TrieArgs(epochs=epochs, step="partition", mass_weight=r["mass_weight"],
-                    entropy_lambda=r["entropy_lambda"])
-    opt = OptimConfig(r["optimizer"], lr=r["lr"], beta2=r["beta2"], schedule=r["schedule"])
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    agpt = [sys.executable, "-m", "agpt"]
+    dev = ["--device", device, "--quiet", "--force"]
+    window = subprocess.Popen([*agpt, "train-window", trie, "-o", str(out_w), "--seq-len", str(depth),
+                               "--batch-size", "64", "--starts", "random", "--steps", str(10**9),
+                               "--checkpoint-every", "0", "--optimizer", "adamw", "--lr", "3e-3",
+                               *dev], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     t0 = time.perf_counter()
-    res_t = train_trie(trie, str(out_t), args, opt, auto=True, warmup_epochs=1.0, device=device)
+    res_t = subprocess.run([*agpt, "train", trie, "-o", str(out_t), "--recipe", "seed", "--epochs",
+                            str(epochs), *dev], env=env, capture_output=True, text=True)
     secs = time.perf_counter() - t0
-    wargs = WindowArgs(seq_len=depth, batch_size=64, starts="random", steps=10**9,
-                       checkpoint_every=0)
-    t1 = time.perf_counter()
-    res_w = train_window(trie, str(out_w), wargs, OptimConfig("adamw", lr=3e-3), device=device,
-                         seconds=secs)
-    wsecs = time.perf_counter() - t1
-    return {"case": f"quality D={depth}", "device": device,
-            "trie": {"seconds": secs, **res_t, **heldout_ppl(corpus, str(out_t), depth, device)},
-            "window": {"seconds": wsecs, **res_w, **heldout_ppl(corpus, str(out_w), depth, device)}}
+    window.send_signal(signal.SIGINT)
+    _, werr = window.communicate()
+    wsecs = time.perf_counter() - t0
+    if res_t.returncode:
+        raise SystemExit(f"trie training failed: {res_t.stderr[-2000:]}")
+    if window.returncode not in (0, 130):
+        raise SystemExit(f"window training failed: {werr.decode()[-2000:]}")
+
+    def last(path: Path, key: str) -> dict:
+        rows = [json.loads(x) for x in Path(str(path) + ".metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["event"] == "step"]
+        return {"updates": len(steps), key: sum(r.get(key.split("_")[0], 0) for r in steps),
+                "last_train_loss": steps[-1]["loss"] if steps else None}
+
+    return {"case": f"quality D={depth}", "device": device, "epochs": epochs,
+            "trie": {"seconds": secs, **last(out_t, "rows_total"),
+                     **heldout_ppl(corpus, str(out_t), depth, device)},
+            "window": {"seconds": wsecs, **last(out_w, "positions_total"),
+                       **heldout_ppl(corpus, str(out_w), depth, device)}}
 
 
 def main() -> None:
