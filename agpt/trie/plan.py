@@ -150,8 +150,17 @@ def assign(plan: Plan, tokens: np.ndarray, rel_starts: np.ndarray, klen: np.ndar
         todo = todo[klen[todo] >= k]
         if todo.size == 0:
             break
-        code[todo] = code[todo] * V + tokens[rel_starts[todo] + (k - 1)]
-        c = code[todo]
+        c = code[todo] * V + tokens[rel_starts[todo] + (k - 1)]
+        code[todo] = c
+        if V ** k <= _LUT_MAX:  # small code space: one table lookup per start
+            lut = np.full(V ** k, -1, dtype=np.int64)
+            lut[codes] = ids
+            lut[split] = -2
+            r = lut[c]
+            hit = r >= 0
+            pid[todo[hit]] = r[hit]
+            todo = todo[r == -2]
+            continue
         j = np.minimum(np.searchsorted(codes, c), max(len(codes) - 1, 0))
         hit = (codes[j] == c) if len(codes) else np.zeros(len(c), dtype=bool)
         pid[todo[hit]] = ids[j[hit]]
@@ -160,6 +169,10 @@ def assign(plan: Plan, tokens: np.ndarray, rel_starts: np.ndarray, klen: np.ndar
         s = np.minimum(np.searchsorted(split, c), len(split) - 1)
         todo = todo[~hit & (split[s] == c)]
     return pid
+
+
+#: largest prefix-code space that `assign` resolves with a lookup table (32 MiB of int64)
+_LUT_MAX = 1 << 22
 
 
 def partition_ranges(sizes: np.ndarray, cap: int, min_ranges: int = 1) -> list[tuple[int, int]]:
