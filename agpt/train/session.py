@@ -124,12 +124,15 @@ class Session:
             self._metrics.flush()
 
     def show(self, text: str, final: bool = False) -> None:
-        if not self.progress:
-            return
+        if not self.progress or (not final and not sys.stderr.isatty()):
+            return              # in logs and pipes: one line per epoch, no carriage returns
         now = time.perf_counter()
         if final or now - self._last_print > 0.5:
-            end = "\n" if final else ""
-            print(f"\r{text[:150]:<150}", end=end, file=sys.stderr, flush=True)
+            if sys.stderr.isatty():
+                print(f"\r{text[:150]:<150}", end="\n" if final else "", file=sys.stderr,
+                      flush=True)
+            else:
+                print(text, file=sys.stderr, flush=True)
             self._last_print = now
 
     def close(self) -> None:
