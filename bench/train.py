@@ -28,7 +28,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-TS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TS = Path(os.environ.get("AGPT_TINYSHAKESPEARE",
+                        REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
 
 from agpt.backend import get_backend  # noqa: E402
 from agpt.ingest import ingest  # noqa: E402

@@ -1,7 +1,9 @@
 """The NumPy reference backend: every model operation in plain, vectorised NumPy.
 
-Each method is one "kernel" of the model; the CuPy backend overrides them one by one and is
-tested against these. Shapes: rows N, heads H, head size E, ancestors Dm.
+Each method is one "kernel" of the model, written against `self.xp` so that the CuPy backend
+(agpt/gpu/backend.py) runs the same code on the GPU and overrides methods one by one with
+kernels, each tested against the method here. Shapes: rows N, heads H, head size E,
+ancestors Dm.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class NumpyBackend:
     def layernorm(self, x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float):
         mu = x.mean(-1, keepdims=True)
         xc = x - mu
-        rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+        rstd = 1.0 / self.xp.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
         xhat = xc * rstd
         return xhat * g + b, (xhat, rstd)
 
@@ -57,16 +59,16 @@ class NumpyBackend:
     # -- rotary position encoding (adjacent pairs) ----------------------------------------
     def rope_tables(self, pos: Any, head_dim: int, base: float):
         inv = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
-        return (np.cos(ang).astype(self.dtype)[:, None, :],
-                np.sin(ang).astype(self.dtype)[:, None, :])
+        ang = np.asarray(self.to_host(pos), dtype=np.float64)[:, None] * inv[None, :]
+        return (self.asarray(np.cos(ang)[:, None, :], self.dtype),
+                self.asarray(np.sin(ang)[:, None, :], self.dtype))
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False):
         """Rotate pairs (x[2m], x[2m+1]) of each head by pos*theta_m (by minus that if inverse)."""
         if inverse:
             sin = -sin
         a, b = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
+        out = self.xp.empty_like(x)
         out[..., 0::2] = a * cos - b * sin
         out[..., 1::2] = a * sin + b * cos
         return out
@@ -74,27 +76,29 @@ class NumpyBackend:
     # -- attention over a trie unit --------------------------------------------------------
     def tree_attention(self, q, k, v, tree: TreeLayout):
         """o_i = softmax_j(q_i . k_anc(i,j) / sqrt(E)) v_anc(i,j) over i's ancestors and i."""
+        xp = self.xp
         scale = 1.0 / np.sqrt(q.shape[-1])
-        mask = np.arange(tree.max_depth)[None, :] < tree.depth[:, None]      # (N, Dm)
+        mask = xp.arange(tree.max_depth)[None, :] < tree.depth[:, None]      # (N, Dm)
         kg = k[tree.anc].transpose(0, 2, 1, 3)                                # (N, H, Dm, E)
-        s = np.matmul(kg, q[..., None])[..., 0] * scale                       # (N, H, Dm)
-        s = np.where(mask[:, None, :], s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
+        s = xp.matmul(kg, q[..., None])[..., 0] * scale                       # (N, H, Dm)
+        s = xp.where(mask[:, None, :], s, -xp.inf)
+        p = xp.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         vg = v[tree.anc].transpose(0, 2, 1, 3)
-        return np.matmul(p[:, :, None, :], vg)[:, :, 0, :], p
+        return xp.matmul(p[:, :, None, :], vg)[:, :, 0, :], p
 
     def tree_attention_backward(self, do, q, k, v, p, tree: TreeLayout, truncated: bool = False):
         """(dq, dk, dv). dk/dv of a row sum the contributions of all its descendants (exact),
         or only its own (truncated: ancestors' K/V treated as constants, the seed's rule)."""
+        xp = self.xp
         scale = 1.0 / np.sqrt(q.shape[-1])
         vg = v[tree.anc].transpose(0, 2, 1, 3)
-        dp = np.matmul(vg, do[..., None])[..., 0]                             # (N, H, Dm)
+        dp = xp.matmul(vg, do[..., None])[..., 0]                             # (N, H, Dm)
         ds = p * (dp - (p * dp).sum(-1, keepdims=True))
         kg = k[tree.anc].transpose(0, 2, 1, 3)
-        dq = np.matmul(ds[:, :, None, :], kg)[:, :, 0, :] * scale
+        dq = xp.matmul(ds[:, :, None, :], kg)[:, :, 0, :] * scale
         if truncated:
-            own = (np.arange(tree.n_rows), slice(None), tree.depth - 1)
+            own = (xp.arange(tree.n_rows), slice(None), tree.depth - 1)
             return dq, ds[own][..., None] * q * scale, p[own][..., None] * do
         return dq, self.aggregate(ds, q, tree) * scale, self.aggregate(p, do, tree)
 
@@ -105,23 +109,31 @@ class NumpyBackend:
         next depth-(j+1) row, minus shallower rows, whose w[:, :, j] is 0 (masked). So each
         depth is one segmented sum (reduceat) over contiguous rows: no scatter, no atomics."""
         n = tree.n_rows
-        out = np.empty((n, x.shape[1] * x.shape[2]), dtype=x.dtype)
-        for j, st in enumerate(tree.level):
-            if len(st) == 0:
+        out = self.xp.empty((n, x.shape[1] * x.shape[2]), dtype=x.dtype)
+        for j, (st, a) in enumerate(zip(tree.level, tree.first, strict=True)):
+            if a < 0:
                 continue
-            a = int(st[0])
             y = (w[a:, :, j, None] * x[a:]).reshape(n - a, -1)
-            out[st] = np.add.reduceat(y, st - a, axis=0)
+            out[st] = self.segment_sum(y, st - a)
         return out.reshape(x.shape)
+
+    def segment_sum(self, y: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Sums of y's rows over [starts[k], starts[k+1]) (the last to the end); starts ascending."""
+        return np.add.reduceat(y, starts, axis=0)
+
+    def scatter_add(self, dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+        """dst[idx] += src, repeated indices summed."""
+        np.add.at(dst, idx, src)
 
     # -- attention over windows ------------------------------------------------------------
     def window_attention(self, q, k, v, win: WindowLayout):
         b, t = win.batch, win.length
         h, e = q.shape[1:]
         qb, kb, vb = (x.reshape(b, t, h, e).transpose(0, 2, 1, 3) for x in (q, k, v))
+        xp = self.xp
         s = (qb @ kb.transpose(0, 1, 3, 2)) / np.sqrt(e)
-        s = np.where(np.tri(t, dtype=bool), s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
+        s = xp.where(xp.tri(t, dtype=bool), s, -xp.inf)
+        p = xp.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         return (p @ vb).transpose(0, 2, 1, 3).reshape(b * t, h, e), p
 
@@ -132,7 +144,7 @@ class NumpyBackend:
         dp = dob @ vb.transpose(0, 1, 3, 2)
         ds = p * (dp - (p * dp).sum(-1, keepdims=True)) / np.sqrt(e)
         if truncated:  # keys and values of earlier positions are constants
-            eye = np.eye(t, dtype=bool)
+            eye = self.xp.eye(t, dtype=bool)
             dv = (p * eye).sum(-1)[..., None] * dob
             dk = (ds * eye).sum(-1)[..., None] * qb
         else:
@@ -148,9 +160,9 @@ class NumpyBackend:
 
         row_coef[i] = sum of coef over row i's targets (precomputed on the host)."""
         m = logits.max(-1, keepdims=True)
-        e = np.exp(logits - m)
+        e = self.xp.exp(logits - m)
         z = e.sum(-1, keepdims=True)
-        lse = (np.log(z) + m)[:, 0]
+        lse = (self.xp.log(z) + m)[:, 0]
         loss = float((row_coef * lse).sum() - (coef * logits[row, token]).sum())
         d = e * (row_coef[:, None] / z)
         d[row, token] -= coef      # (row, token) pairs are unique

@@ -133,5 +133,5 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         gw("ln1.g")[...] += dg
         gw("ln1.b")[...] += db
         dx = dx + dxl
-    be.xp.add.at(g["tok_emb"], batch.tokens, dx)   # repeated tokens sum
+    be.scatter_add(g["tok_emb"], batch.tokens, dx)   # repeated tokens sum
     return loss

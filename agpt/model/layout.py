@@ -23,6 +23,7 @@ class TreeLayout:
     depth: np.ndarray      # (N,) int32, 1-based context length of each row
     anc: np.ndarray        # (N, Dm) int32: anc[i, j] = row of i's ancestor at depth j+1 (padded)
     level: list[np.ndarray]  # level[j]: the rows at depth j+1, ascending (subtree starts)
+    first: list[int]       # first[j] = level[j][0] (host ints: no device sync to slice), or -1
 
     @property
     def n_rows(self) -> int:
@@ -57,7 +58,7 @@ def tree_layout(parent: np.ndarray, depth: np.ndarray) -> TreeLayout:
         deep = depth > j + 1
         if np.any(anc[deep, j] != last[deep]):
             raise ValueError("rows are not in depth-first preorder (a subtree is not contiguous)")
-    return TreeLayout(depth, anc, level)
+    return TreeLayout(depth, anc, level, [int(x[0]) if len(x) else -1 for x in level])
 
 
 @dataclass
