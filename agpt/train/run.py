@@ -8,7 +8,6 @@ checkpoint is never silently continued with other settings.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -87,7 +86,7 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
                init: str | None = None, model: str = "micro", resume: bool = False,
                auto: bool = False, warmup_epochs: float = 0.0, device: str = "cpu",
                dtype: str = "float32", metrics: str | None = None, until_epoch: int | None = None,
-               progress: bool = True, on_epoch: Callable | None = None,
+               progress: bool = True,
                force: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model on a trie store's radix layer."""
     store: TrieStore = open_trie(store_url)
@@ -107,7 +106,7 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
                  resume)
     s.last_good = out if resume else ""
     try:
-        train_epochs(s, store, args, until_epoch, on_epoch)
+        train_epochs(s, store, args, until_epoch)
     except KeyboardInterrupt:
         _save_interrupted(s, out)
     finally:
@@ -120,7 +119,7 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
                  init: str | None = None, model: str = "micro", resume: bool = False,
                  warmup_epochs: float = 0.0, device: str = "cpu", dtype: str = "float32",
                  metrics: str | None = None, seconds: float | None = None, progress: bool = True,
-                 on_epoch: Callable | None = None, force: bool = False) -> dict[str, Any]:
+                 force: bool = False) -> dict[str, Any]:
     """Train (or continue) the same model on ordinary windows of a corpus (or trie) store."""
     corpus = _corpus_of(corpus_url)
     _, starts, _ = corpus_windows(corpus, args.seq_len)
@@ -137,7 +136,7 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
                  resume)
     s.last_good = out if resume else ""
     try:
-        train_windows(s, corpus, args, seconds, on_epoch)
+        train_windows(s, corpus, args, seconds)
     except KeyboardInterrupt:
         _save_interrupted(s, out)
     finally:

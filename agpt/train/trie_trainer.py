@@ -122,8 +122,8 @@ def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([args.seed, epoch]).permutation(n_units)]
 
 
-def train_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int | None = None,
-                 on_epoch=None) -> None:
+def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
+                 until_epoch: int | None = None) -> None:
     """Run epochs from the session's position up to args.epochs (or until_epoch)."""
     cfg, be = s.cfg, s.be
     V = store.vocab_size
@@ -186,6 +186,4 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int 
         s.show(f"epoch {e + 1}/{args.epochs} loss {ep_loss / max(ep_z, 1e-12):.4f} "
                f"{ep_rows:,} rows in {secs:.1f} s ({ep_rows / max(secs, 1e-9):,.0f} rows/s)",
                final=True)
-        if on_epoch is not None:
-            on_epoch(s)
         s.save()

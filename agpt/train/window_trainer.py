@@ -57,7 +57,7 @@ def updates_per_epoch(args: WindowArgs, n_starts: int) -> int:
 
 
 def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
-                  seconds: float | None = None, on_epoch=None) -> None:
+                  seconds: float | None = None) -> None:
     cfg, be = s.cfg, s.be
     toks, starts, lengths = corpus_windows(corpus, args.seq_len)
     per_epoch = updates_per_epoch(args, len(starts))
@@ -101,6 +101,4 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
               positions_per_s=round(n_ep / max(secs, 1e-9), 1), lr=s.lr())
         s.show(f"epoch {e + 1}: loss {l_ep / max(n_ep, 1):.4f}, {n_ep:,} positions in {secs:.1f} s",
                final=True)
-        if on_epoch is not None:
-            on_epoch(s)
         s.save()
