@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,14 +137,15 @@ def perplexity_cmd(ckpt: str, store: str | None, text: Path | None, protocol: st
     else:
         tokens = all_tokens
     be = get_backend(device, dtype)
-    err = click.get_text_stream("stderr")
+    flat = be.asarray(ck.params)            # on the backend's device
+    err = sys.stderr
     if err.isatty():   # a bar for people; nothing for pipes and logs (not even its label)
         with click.progressbar(length=plan.n_windows, label="scoring", file=err) as bar:
-            res = perplexity(cfg, be, ck.params, tokens, plan, context=n, stride=stride,
+            res = perplexity(cfg, be, flat, tokens, plan, context=n, stride=stride,
                              protocol=protocol, source=where, batch_rows=batch_rows,
                              progress=bar.update)
     else:
-        res = perplexity(cfg, be, ck.params, tokens, plan, context=n, stride=stride,
+        res = perplexity(cfg, be, flat, tokens, plan, context=n, stride=stride,
                          protocol=protocol, source=where, batch_rows=batch_rows)
     _report(res, be, as_json)
 
@@ -207,7 +209,7 @@ def sample_cmd(ckpt: str, prompt: str | None, length: int, temperature: float, t
         if not len(ids):
             raise AgptError("--prompt is empty: give at least one symbol, or leave it out")
     be = get_backend(device, dtype)
-    out = sample(ck.config, be, ck.params, ids, length, temperature, top_k, seed)
+    out = sample(ck.config, be, be.asarray(ck.params), ids, length, temperature, top_k, seed)
     click.echo(tok.decode(np.concatenate([np.asarray(ids, np.int64), out])))
 
 
