@@ -134,7 +134,10 @@ def quality(work: Path, depth: int, epochs: int, device: str) -> dict:
     window = subprocess.Popen([*agpt, "train-window", trie, "-o", str(out_w), "--seq-len", str(depth),
                                "--batch-size", "64", "--starts", "random", "--steps", str(10**9),
                                "--checkpoint-every", "0", "--optimizer", "adamw", "--lr", "3e-3",
-                               *dev], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               *dev], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              # a shell's background job ignores SIGINT and children inherit that;
+                              # restore it so Ctrl-C below stops (and checkpoints) the window run
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.perf_counter()
     res_t = subprocess.run([*agpt, "train", trie, "-o", str(out_t), "--recipe", "seed", "--epochs",
                             str(epochs), *dev], env=env, capture_output=True, text=True)
