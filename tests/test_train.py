@@ -25,6 +25,21 @@ def fast(*extra: object) -> list[str]:
     return ["--model", "micro", "--quiet", "--device", "cpu", "--memory-budget", "64MB", *map(str, extra)]
 
 
+def interrupt_on_call(monkeypatch, module, n: int):
+    """Make module.loss_and_grad raise KeyboardInterrupt on its n-th call; return the real one."""
+    real = module.loss_and_grad
+    calls = {"n": 0}
+
+    def interrupting(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "loss_and_grad", interrupting)
+    return real
+
+
 def params(url: str) -> np.ndarray:
     return load_checkpoint(url).params
 
@@ -50,16 +65,7 @@ def test_interrupted_run_resumes_exactly(tmp_path: Path, store: str, run_cli, mo
     a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
     common = ["--epochs", 2, "--optimizer", "momentum", "--lr", "0.01"]
     assert run_cli("train", store, "-o", a, *fast(*common))[0] == 0
-    real = trie_trainer.loss_and_grad
-    calls = {"n": 0}
-
-    def interrupt_on_fifth(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(trie_trainer, "loss_and_grad", interrupt_on_fifth)
+    real = interrupt_on_call(monkeypatch, trie_trainer, 5)
     code, _, err = run_cli("train", store, "-o", b, *fast(*common))
     assert code == 130 and "--resume" in err and "Traceback" not in err
     pos = load_checkpoint(str(b)).state["position"]
@@ -133,16 +139,7 @@ def test_window_baseline_trains_and_resumes(tmp_path: Path, store: str, run_cli,
               "--checkpoint-every", 3, "--optimizer", "adam", "--quiet", "--device", "cpu"]
     code, out, err = run_cli("train-window", store, "-o", a, *common)
     assert code == 0, err
-    real = window_trainer.loss_and_grad
-    calls = {"n": 0}
-
-    def interrupt_on_fifth(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(window_trainer, "loss_and_grad", interrupt_on_fifth)
+    real = interrupt_on_call(monkeypatch, window_trainer, 5)
     assert run_cli("train-window", store, "-o", b, *common)[0] == 130
     monkeypatch.setattr(window_trainer, "loss_and_grad", real)
     assert run_cli("train-window", store, "-o", b, "--resume", *common)[0] == 0

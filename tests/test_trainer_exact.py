@@ -60,6 +60,17 @@ def window_grad(url: str, cfg: ModelConfig, flat: np.ndarray, D: int) -> tuple[f
     return loss_and_grad(cfg, BE, flat, b, g), z, g
 
 
+def check_finite_differences(objective, flat: np.ndarray, g: np.ndarray, idx) -> None:
+    """Central differences of objective at flat match g at the parameters idx."""
+    e = 1e-5
+    for i in idx:
+        fp, fm = flat.copy(), flat.copy()
+        fp[i] += e
+        fm[i] -= e
+        fd = (objective(fp) - objective(fm)) / (2 * e)
+        assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(g[i])), (i, fd, g[i])
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
 
@@ -123,13 +134,7 @@ def test_gradient_matches_finite_differences_of_an_independent_model(tmp_path: P
                 total -= z[toks[s + k + 1]] - (np.log(np.exp(z - z.max()).sum()) + z.max())
         return total
 
-    for i in rng.choice(len(flat), 8, replace=False):
-        e = 1e-5
-        fp, fm = flat.copy(), flat.copy()
-        fp[i] += e
-        fm[i] -= e
-        fd = (objective(fp) - objective(fm)) / (2 * e)
-        assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(g[i])), (i, fd, g[i])
+    check_finite_differences(objective, flat, g, rng.choice(len(flat), 8, replace=False))
 
 
 def _rows_as_paths(url: str):
@@ -169,13 +174,7 @@ def test_truncated_gradient_is_the_seed_stop_gradient_rule(tmp_path: Path) -> No
             total -= sum(n * lp[x] for x, n in counts.items())
         return total
 
-    for i in rng.choice(len(flat), 8, replace=False):
-        e = 1e-5
-        fp, fm = flat.copy(), flat.copy()
-        fp[i] += e
-        fm[i] -= e
-        fd = (objective(fp) - objective(fm)) / (2 * e)
-        assert abs(fd - g_tr[i]) <= 1e-6 * max(1.0, abs(g_tr[i])), (i, fd, g_tr[i])
+    check_finite_differences(objective, flat, g_tr, rng.choice(len(flat), 8, replace=False))
 
 
 @pytest.mark.parametrize("mode", ["off", "log", "sqrt", "linear"])
@@ -207,13 +206,8 @@ def test_weighting_modes_match_their_objective(tmp_path: Path, mode: str, lam: f
 
     direct, zd = objective(flat)
     assert abs(z - zd) <= 1e-9 * zd and abs(loss - direct) <= 1e-9 * abs(direct)
-    for i in rng.choice(len(flat), 4, replace=False):
-        e = 1e-5
-        fp, fm = flat.copy(), flat.copy()
-        fp[i] += e
-        fm[i] -= e
-        fd = (objective(fp)[0] - objective(fm)[0]) / (2 * e)
-        assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(g[i]))
+    check_finite_differences(lambda f: objective(f)[0], flat, g,
+                             rng.choice(len(flat), 4, replace=False))
 
 
 def test_row_weights_entropy_only_at_branching_rows() -> None:

@@ -8,6 +8,7 @@ checkpoint is never silently continued with other settings.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,9 @@ def _session(ck: Checkpoint, out: str, optim: OptimConfig, total: int, base_lr: 
     path = metrics if metrics is not None else default_metrics_path(out)
     if path and not resume and os.path.exists(path):
         os.remove(path)            # a new run starts a new metrics file
-    return Session(ck.config, be, ck, out, optim, total, base_lr, path, progress)
+    s = Session(ck.config, be, ck, out, optim, total, base_lr, path, progress)
+    s.last_good = out if resume else ""
+    return s
 
 
 def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
@@ -104,13 +107,7 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
                   settings, store.corpus, force)
     s = _session(ck, out, optim, args.epochs * per_epoch, base_lr, device, metrics, progress,
                  resume)
-    s.last_good = out if resume else ""
-    try:
-        train_epochs(s, store, args, until_epoch)
-    except KeyboardInterrupt:
-        _save_interrupted(s, out)
-    finally:
-        s.close()
+    _drive(s, lambda: train_epochs(s, store, args, until_epoch))
     return {"checkpoint": out, **s.pos.to_dict(), "updates_per_epoch": per_epoch,
             "lr": base_lr}
 
@@ -134,13 +131,7 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
                   settings, corpus, force)
     s = _session(ck, out, optim, epochs * per_epoch, optim.lr, device, metrics, progress,
                  resume)
-    s.last_good = out if resume else ""
-    try:
-        train_windows(s, corpus, args, seconds)
-    except KeyboardInterrupt:
-        _save_interrupted(s, out)
-    finally:
-        s.close()
+    _drive(s, lambda: train_windows(s, corpus, args, seconds))
     return {"checkpoint": out, **s.pos.to_dict(), "updates_per_epoch": per_epoch}
 
 
@@ -149,10 +140,16 @@ def _corpus_of(url: str) -> CorpusStore:
     return open_trie(url).corpus if is_trie_store(url) else open_corpus(url)
 
 
-def _save_interrupted(s: Session, out: str) -> None:
-    s.save()
-    raise Interrupted(f"interrupted; checkpoint saved to {out} at epoch {s.pos.epoch + 1}, "
-                            f"unit {s.pos.unit}; rerun with --resume to continue")
+def _drive(s: Session, loop: Callable[[], None]) -> None:
+    """Run a trainer loop; Ctrl-C saves the state after the last update, then stops."""
+    try:
+        loop()
+    except KeyboardInterrupt:
+        s.save()
+        raise Interrupted(f"interrupted; checkpoint saved to {s.out} at epoch {s.pos.epoch + 1}, "
+                           f"unit {s.pos.unit}; rerun with --resume to continue") from None
+    finally:
+        s.close()
 
 
 __all__ = ["SEED_RECIPE", "train_trie", "train_window", "ModelConfig"]
