@@ -60,10 +60,10 @@ def throughput(work: Path, depth: int, repeats: int, device: str) -> dict:
     t = open_trie(trie)
     be = get_backend(device, "float32")
     cfg = preset("micro", t.vocab_size, depth)
-    flat = be.asarray(init_params(cfg, np.random.default_rng(0)))
+    flat = be.asarray(init_params(cfg, np.random.default_rng(0)), be.dtype)
     grad = be.xp.zeros_like(flat)
     opt = Optimizer(OptimConfig("rmsprop", lr=1e-4), be.xp, flat)
-    max_rows = min(rows_for_budget(cfg, depth, 4, 2 << 30), be.chunk_rows)
+    max_rows = min(rows_for_budget(be, cfg, depth, 2 << 30), be.chunk_rows)
     sizes = np.array([load_unit(t, p).n_rows for p in range(t.n_partitions)])
     picks = [int(p) for p in np.argsort(np.abs(sizes - 60_000))[:4]]   # four ~60K-row units
     units = [load_unit(t, p) for p in picks]
@@ -89,14 +89,26 @@ def throughput(work: Path, depth: int, repeats: int, device: str) -> dict:
             one(u)
         be.synchronize()
         rates.append(rows / (time.perf_counter() - t0))
-    toks, starts, lengths = corpus_windows(t.corpus, depth)
+    wrates = window_rates(be, cfg, flat, grad, opt, t.corpus, depth, 64, 10, repeats)
+    return {"case": f"throughput D={depth}", "device": be.name, "trie_rows": rows,
+            "trie_rows_per_s": statistics.median(rates), "trie_rows_per_s_all": rates,
+            "window_positions_per_s": statistics.median(wrates), "window_all": wrates,
+            "epoch_rows": int(t.totals().get("radix_edge_tokens", 0))}
+
+
+def window_rates(be, cfg, flat, grad, opt, corpus, seq_len: int, batch: int, steps: int,
+                 repeats: int) -> list[float]:
+    """Window-training positions/s (random starts, one update per batch) per repeat of `steps`
+    updates, after one warm-up round."""
+    toks, starts, lengths = corpus_windows(corpus, seq_len)
     rng = np.random.default_rng(0)
-    wrates = []
+    rates = []
     for r in range(repeats + 1):
+        be.synchronize()
         t0, n = time.perf_counter(), 0
-        for _ in range(10):
-            sel = rng.integers(0, len(starts), 64)
-            b, z = window_batch(be, toks, starts[sel], lengths[sel], depth)
+        for _ in range(steps):
+            sel = rng.integers(0, len(starts), batch)
+            b, z = window_batch(be, toks, starts[sel], lengths[sel], seq_len)
             loss_and_grad(cfg, be, flat, b, grad)
             grad[...] /= z
             opt.step(flat, grad, 1e-4)
@@ -104,11 +116,8 @@ def throughput(work: Path, depth: int, repeats: int, device: str) -> dict:
             n += int(z)
         be.synchronize()
         if r:                                                # the first round is warm-up
-            wrates.append(n / (time.perf_counter() - t0))
-    return {"case": f"throughput D={depth}", "device": be.name, "trie_rows": rows,
-            "trie_rows_per_s": statistics.median(rates), "trie_rows_per_s_all": rates,
-            "window_positions_per_s": statistics.median(wrates), "window_all": wrates,
-            "epoch_rows": int(t.totals().get("radix_edge_tokens", 0))}
+            rates.append(n / (time.perf_counter() - t0))
+    return rates
 
 
 def heldout_ppl(corpus_url: str, ckpt: str, context: int, device: str) -> dict:

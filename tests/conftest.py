@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference corpus and an in-process `agpt` runner."""
+"""Shared fixtures: the reference corpus, an in-process `agpt` runner, the GPU backend."""
 
 from __future__ import annotations
 
@@ -23,6 +23,23 @@ def tiny_shakespeare() -> Path:
     if not path.is_file():
         pytest.skip(f"reference corpus {path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """The CuPy backend (fp32, TF32 off); skips without CuPy or a CUDA device."""
+    pytest.importorskip("cupy")
+    from agpt.gpu.backend import CupyBackend, gpu_available
+    if not gpu_available():
+        pytest.skip("no CUDA device")
+    return CupyBackend("float32")
+
+
+def poison() -> None:
+    """Fill freed GPU pool memory with NaN, so a kernel output element left unwritten shows up."""
+    import cupy as cp
+    a = cp.full(64 << 20, cp.nan, dtype=cp.float32)
+    del a
 
 
 @pytest.fixture

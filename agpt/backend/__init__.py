@@ -14,8 +14,9 @@ from agpt.errors import AgptError
 __all__ = ["NumpyBackend", "get_backend"]
 
 
-def get_backend(device: str = "cpu", dtype: Any = "float32") -> NumpyBackend:
-    """`cpu` (NumPy), `cuda` (CuPy; an error when there is no usable GPU) or `auto`."""
+def get_backend(device: str = "cpu", dtype: Any = "float32", tf32: bool = False) -> NumpyBackend:
+    """`cpu` (NumPy), `cuda` (CuPy; an error when there is no usable GPU) or `auto`.
+    tf32: float32 matmuls on TF32 tensor cores (GPU only)."""
     if device in ("cpu", "numpy"):
         return NumpyBackend(dtype)
     if device in ("cuda", "auto"):
@@ -24,7 +25,7 @@ def get_backend(device: str = "cpu", dtype: Any = "float32") -> NumpyBackend:
         except ImportError:
             CupyBackend = None  # noqa: N806
         if CupyBackend is not None and gpu_available():
-            return CupyBackend(dtype)
+            return CupyBackend(dtype, tf32)
         if device == "cuda":
             raise AgptError("--device cuda: no usable GPU (CuPy missing or no CUDA device); "
                             "use --device cpu")

@@ -8,11 +8,12 @@ ancestors Dm.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
 
-from agpt.model.layout import TreeLayout, WindowLayout
+from agpt.model.layout import TreeLayout, WindowLayout, tree_layout
 
 
 class NumpyBackend:
@@ -36,8 +37,37 @@ class NumpyBackend:
         """Move a layout's index arrays to the device (identity on the CPU)."""
         return layout
 
+    def tree_layout(self, parent: np.ndarray, depth: np.ndarray) -> Any:
+        """The layout of a trie unit's rows (validated depth-first preorder)."""
+        return tree_layout(parent, depth)
+
+    def staged(self) -> AbstractContextManager:
+        """Uploads made inside are complete on exit (the GPU stages them through pinned memory)."""
+        return nullcontext()
+
+    def bytes_per_row(self, cfg: Any, depth: int) -> int:
+        """Peak activation bytes per trie row: saved activations per layer, the gathered
+        ancestor K/V and their gradient contributions, logits."""
+        d, f, h = cfg.d_model, cfg.d_ff, cfg.n_heads
+        per_layer = 9 * d + 2 * f + h * depth + 2
+        transient = 6 * depth * d + 3 * h * depth
+        return self.dtype.itemsize * (cfg.n_layers * per_layer + transient + 3 * cfg.vocab_size
+                                      + 4 * d) + 64
+
     def synchronize(self) -> None:
         pass
+
+    # -- small pieces ---------------------------------------------------------------------
+    def sum_rows(self, x: np.ndarray) -> np.ndarray:
+        """x.sum(0): the gradient of a bias added to every row."""
+        return x.sum(0)
+
+    def relu(self, f: np.ndarray) -> np.ndarray:
+        return self.xp.maximum(f, 0)
+
+    def relu_backward(self, dr: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """dL/df from dL/dr for r = relu(f)."""
+        return dr * (f > 0)
 
     # -- layer norm -----------------------------------------------------------------------
     def layernorm(self, x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float):
@@ -57,11 +87,13 @@ class NumpyBackend:
         return dx, dg, db
 
     # -- rotary position encoding (adjacent pairs) ----------------------------------------
-    def rope_tables(self, pos: Any, head_dim: int, base: float):
+    def rope_tables(self, layout: Any, head_dim: int, base: float):
+        """cos and sin of pos * theta_m for each row of the layout, (N, 1, E/2)."""
         inv = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-        ang = np.asarray(self.to_host(pos), dtype=np.float64)[:, None] * inv[None, :]
-        return (self.asarray(np.cos(ang)[:, None, :], self.dtype),
-                self.asarray(np.sin(ang)[:, None, :], self.dtype))
+        ang = np.arange(layout.max_pos + 1, dtype=np.float64)[:, None] * inv[None, :]
+        pos = self.asarray(layout.pos)
+        return (self.asarray(np.cos(ang), self.dtype)[pos][:, None, :],
+                self.asarray(np.sin(ang), self.dtype)[pos][:, None, :])
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, inverse: bool = False):
         """Rotate pairs (x[2m], x[2m+1]) of each head by pos*theta_m (by minus that if inverse)."""
@@ -77,7 +109,7 @@ class NumpyBackend:
     def tree_attention(self, q, k, v, tree: TreeLayout):
         """o_i = softmax_j(q_i . k_anc(i,j) / sqrt(E)) v_anc(i,j) over i's ancestors and i."""
         xp = self.xp
-        scale = 1.0 / np.sqrt(q.shape[-1])
+        scale = q.shape[-1] ** -0.5       # a Python float: keeps fp32 arrays fp32
         mask = xp.arange(tree.max_depth)[None, :] < tree.depth[:, None]      # (N, Dm)
         kg = k[tree.anc].transpose(0, 2, 1, 3)                                # (N, H, Dm, E)
         s = xp.matmul(kg, q[..., None])[..., 0] * scale                       # (N, H, Dm)
@@ -91,7 +123,7 @@ class NumpyBackend:
         """(dq, dk, dv). dk/dv of a row sum the contributions of all its descendants (exact),
         or only its own (truncated: ancestors' K/V treated as constants, the seed's rule)."""
         xp = self.xp
-        scale = 1.0 / np.sqrt(q.shape[-1])
+        scale = q.shape[-1] ** -0.5       # a Python float: keeps fp32 arrays fp32
         vg = v[tree.anc].transpose(0, 2, 1, 3)
         dp = xp.matmul(vg, do[..., None])[..., 0]                             # (N, H, Dm)
         ds = p * (dp - (p * dp).sum(-1, keepdims=True))
@@ -131,7 +163,7 @@ class NumpyBackend:
         h, e = q.shape[1:]
         qb, kb, vb = (x.reshape(b, t, h, e).transpose(0, 2, 1, 3) for x in (q, k, v))
         xp = self.xp
-        s = (qb @ kb.transpose(0, 1, 3, 2)) / np.sqrt(e)
+        s = (qb @ kb.transpose(0, 1, 3, 2)) * e ** -0.5
         s = xp.where(xp.tri(t, dtype=bool), s, -xp.inf)
         p = xp.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
@@ -142,7 +174,7 @@ class NumpyBackend:
         h, e = q.shape[1:]
         qb, kb, vb, dob = (x.reshape(b, t, h, e).transpose(0, 2, 1, 3) for x in (q, k, v, do))
         dp = dob @ vb.transpose(0, 1, 3, 2)
-        ds = p * (dp - (p * dp).sum(-1, keepdims=True)) / np.sqrt(e)
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * e ** -0.5
         if truncated:  # keys and values of earlier positions are constants
             eye = self.xp.eye(t, dtype=bool)
             dv = (p * eye).sum(-1)[..., None] * dob

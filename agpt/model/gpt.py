@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agpt.model.config import ModelConfig
-from agpt.model.layout import Layout, TreeLayout
+from agpt.model.layout import Layout, WindowLayout
 from agpt.model.params import views
 
 
@@ -46,9 +46,9 @@ def _layer(p: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 def _attention(be, layout: Layout):
-    if isinstance(layout, TreeLayout):
-        return be.tree_attention, be.tree_attention_backward
-    return be.window_attention, be.window_attention_backward
+    if isinstance(layout, WindowLayout):
+        return be.window_attention, be.window_attention_backward
+    return be.tree_attention, be.tree_attention_backward
 
 
 def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
@@ -56,7 +56,7 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
     p = views(flat, cfg)
     n, h, e = len(batch.tokens), cfg.n_heads, cfg.head_dim
     attend, _ = _attention(be, batch.layout)
-    cos, sin = be.rope_tables(batch.layout.pos, e, cfg.rope_base)
+    cos, sin = be.rope_tables(batch.layout, e, cfg.rope_base)
     x = p["tok_emb"][batch.tokens]
     saved = []
     for i in range(cfg.n_layers):
@@ -70,7 +70,7 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
         x = x + o @ w("wo.w") + w("wo.b")
         b_, c2 = be.layernorm(x, w("ln2.g"), w("ln2.b"), cfg.ln_eps)
         f = b_ @ w("ff1.w") + w("ff1.b")
-        r = be.xp.maximum(f, 0)
+        r = be.relu(f)
         x = x + r @ w("ff2.w") + w("ff2.b")
         if keep:
             saved.append((a, c1, q, k, v, att, o, b_, c2, f, r))
@@ -98,7 +98,7 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
     n, h, e = len(batch.tokens), cfg.n_heads, cfg.head_dim
     _, attend_back = _attention(be, batch.layout)
     g["out.w"] += ys.T @ dlogits
-    g["out.b"] += dlogits.sum(0)
+    g["out.b"] += be.sum_rows(dlogits)
     dy = be.xp.zeros_like(y)
     dy[t.rows] = dlogits @ p["out.w"].T            # rows are unique
     dx, dg, db = be.layernorm_backward(dy, cf, p["lnf.g"])
@@ -109,17 +109,17 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         a, c1, q, k, v, att, o, b_, c2, f, r = saved[i]
         # FFN
         gw("ff2.w")[...] += r.T @ dx
-        gw("ff2.b")[...] += dx.sum(0)
-        df = (dx @ w("ff2.w").T) * (f > 0)
+        gw("ff2.b")[...] += be.sum_rows(dx)
+        df = be.relu_backward(dx @ w("ff2.w").T, f)
         gw("ff1.w")[...] += b_.T @ df
-        gw("ff1.b")[...] += df.sum(0)
+        gw("ff1.b")[...] += be.sum_rows(df)
         dxl, dg, db = be.layernorm_backward(df @ w("ff1.w").T, c2, w("ln2.g"))
         gw("ln2.g")[...] += dg
         gw("ln2.b")[...] += db
         dx = dx + dxl
         # attention
         gw("wo.w")[...] += o.T @ dx
-        gw("wo.b")[...] += dx.sum(0)
+        gw("wo.b")[...] += be.sum_rows(dx)
         do = (dx @ w("wo.w").T).reshape(n, h, e)
         dq, dk, dv = attend_back(do, q, k, v, att, batch.layout, truncated)
         dq = be.rope(dq, cos, sin, inverse=True).reshape(n, -1)
@@ -128,7 +128,7 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         da = dq @ w("wq.w").T + dk @ w("wk.w").T + dv @ w("wv.w").T
         for m, dm in (("wq", dq), ("wk", dk), ("wv", dv)):
             gw(m + ".w")[...] += a.T @ dm
-            gw(m + ".b")[...] += dm.sum(0)
+            gw(m + ".b")[...] += be.sum_rows(dm)
         dxl, dg, db = be.layernorm_backward(da, c1, w("ln1.g"))
         gw("ln1.g")[...] += dg
         gw("ln1.b")[...] += db

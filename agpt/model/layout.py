@@ -7,13 +7,16 @@ layout is the only thing that differs between trie training and window training.
   and itself (exactly its context). In preorder every subtree is a contiguous range, so for a
   fixed depth j the depth-j ancestors of consecutive rows form contiguous runs: the K/V
   gradient an ancestor receives from all its descendants is a segmented sum over one run
-  (`aggregate`), no scatter and no atomics. The GPU kernels use the same order.
+  (`aggregate`), no scatter and no atomics.
+- `ParentTree`: the same rows as parent pointers only (the GPU kernels walk them instead of
+  gathering an (N, Dm) ancestor matrix; agpt/gpu/kernels.py).
 - `WindowLayout`: B windows of T rows, dense causal attention (the window baseline).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +39,31 @@ class TreeLayout:
     @property
     def pos(self) -> np.ndarray:
         return self.depth - 1
+
+    @property
+    def max_pos(self) -> int:
+        return self.max_depth - 1
+
+
+@dataclass
+class ParentTree:
+    """Rows in depth-first preorder as device arrays: parent (-1 at depth 1) and depth, int32."""
+
+    parent: Any
+    depth: Any
+    max_depth: int         # host int (no device sync to size tables)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.depth)
+
+    @property
+    def pos(self) -> Any:
+        return self.depth - 1
+
+    @property
+    def max_pos(self) -> int:
+        return self.max_depth - 1
 
 
 def tree_layout(parent: np.ndarray, depth: np.ndarray) -> TreeLayout:
@@ -76,5 +104,9 @@ class WindowLayout:
     def pos(self) -> np.ndarray:
         return np.tile(np.arange(self.length, dtype=np.int32), self.batch)
 
+    @property
+    def max_pos(self) -> int:
+        return self.length - 1
 
-Layout = TreeLayout | WindowLayout
+
+Layout = TreeLayout | ParentTree | WindowLayout

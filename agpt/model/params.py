@@ -6,6 +6,8 @@ the GPU) and makes checkpoints and gradient comparisons trivial; the model reads
 
 from __future__ import annotations
 
+import collections
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,8 @@ class ParamSpec:
         return int(np.prod(self.shape))
 
 
-def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
+@functools.cache
+def param_specs(cfg: ModelConfig) -> tuple[ParamSpec, ...]:
     """Every tensor in the seed's order (SPEC §7): y = x·W + b for every matrix."""
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     raw: list[tuple[str, tuple[int, ...], str]] = [("tok_emb", (v, d), f"normal:{(1 / d) ** .5}")]
@@ -45,7 +48,7 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     for name, shape, init in raw:
         out.append(ParamSpec(name, shape, init, off))
         off += int(np.prod(shape))
-    return out
+    return tuple(out)
 
 
 def n_params(cfg: ModelConfig) -> int:
@@ -65,6 +68,19 @@ def init_params(cfg: ModelConfig, rng: np.random.Generator, dtype: Any = np.floa
     return flat.astype(dtype)
 
 
+#: the views of the last few buffers: a training step asks for the same two (parameters and
+#: gradient) several times, and building ~30 views costs ~1 ms of host time on the GPU
+_VIEWS: collections.OrderedDict[int, tuple[Any, ModelConfig, dict[str, Any]]] = \
+    collections.OrderedDict()
+
+
 def views(flat: Any, cfg: ModelConfig) -> dict[str, Any]:
     """Named views into a flat buffer (NumPy or CuPy): writing a view writes the buffer."""
-    return {s.name: flat[s.offset: s.offset + s.size].reshape(s.shape) for s in param_specs(cfg)}
+    hit = _VIEWS.get(id(flat))
+    if hit is not None and hit[0] is flat and hit[1] == cfg:
+        return hit[2]
+    out = {s.name: flat[s.offset: s.offset + s.size].reshape(s.shape) for s in param_specs(cfg)}
+    _VIEWS[id(flat)] = (flat, cfg, out)
+    while len(_VIEWS) > 8:
+        _VIEWS.popitem(last=False)
+    return out

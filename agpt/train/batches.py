@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from agpt.model.gpt import Batch, Targets
-from agpt.model.layout import WindowLayout, tree_layout
+from agpt.model.layout import WindowLayout
 from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.units import Unit
 
@@ -20,7 +20,7 @@ def to_device(be, tokens: np.ndarray, layout, t: HostTargets) -> Batch:
 def unit_batch(be, unit: Unit, vocab_size: int, w: Weighting) -> tuple[Batch, float]:
     """A trie unit (or chunk) as a batch, and its share of the normaliser."""
     t = targets(unit.count_ptr, unit.count_token, unit.count_value, unit.loss, vocab_size, w)
-    return to_device(be, unit.token, tree_layout(unit.parent, unit.depth), t), t.z
+    return to_device(be, unit.token, be.tree_layout(unit.parent, unit.depth), t), t.z
 
 
 def window_batch(be, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,

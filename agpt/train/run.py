@@ -34,6 +34,10 @@ SEED_RECIPE: dict[str, Any] = {
 }
 
 
+#: trie arguments that change memory and speed, never the math: free to change on --resume
+RESOURCE_ARGS = ("epochs", "memory_budget", "gpu_memory_budget", "loaders")
+
+
 def _starting_checkpoint(init: str | None, model: str, vocab_tok: dict, vocab_size: int,
                          context: int, seed: int, dtype: str) -> Checkpoint:
     if init:
@@ -75,8 +79,9 @@ def _prepare(kind: str, source: dict[str, Any], out: str, resume: bool, init: st
 
 
 def _session(ck: Checkpoint, out: str, optim: OptimConfig, total: int, base_lr: float,
-             device: str, metrics: str | None, progress: bool, resume: bool) -> Session:
-    be = get_backend(device, ck.params.dtype)
+             device: str, metrics: str | None, progress: bool, resume: bool,
+             tf32: bool = False) -> Session:
+    be = get_backend(device, ck.params.dtype, tf32)
     path = metrics if metrics is not None else default_metrics_path(out)
     if path and not resume and os.path.exists(path):
         os.remove(path)            # a new run starts a new metrics file
@@ -89,8 +94,7 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
                init: str | None = None, model: str = "micro", resume: bool = False,
                auto: bool = False, warmup_epochs: float = 0.0, device: str = "cpu",
                dtype: str = "float32", metrics: str | None = None, until_epoch: int | None = None,
-               progress: bool = True,
-               force: bool = False) -> dict[str, Any]:
+               progress: bool = True, force: bool = False, tf32: bool = False) -> dict[str, Any]:
     """Train (or continue training) a model on a trie store's radix layer."""
     store: TrieStore = open_trie(store_url)
     store._need("radix")
@@ -99,24 +103,24 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
     base_lr = auto_lr(optim.lr, per_epoch) if auto else optim.lr
     warm = int(round(warmup_epochs * per_epoch))
     optim = OptimConfig(**{**optim.to_dict(), "warmup_steps": warm})
-    settings = {"trie": {k: v for k, v in args.to_dict().items() if k != "epochs"},
+    settings = {"trie": {k: v for k, v in args.to_dict().items() if k not in RESOURCE_ARGS},
                 "optimizer": optim.to_dict(), "auto_lr": auto}
     source = {"url": store_url, "corpus_sha256": store.corpus.corpus_sha256,
               "max_depth": store.max_depth, "partitions": store.n_partitions}
     ck = _prepare("trie", source, out, resume, init, model, store.max_depth, args.seed, dtype,
                   settings, store.corpus, force)
     s = _session(ck, out, optim, args.epochs * per_epoch, base_lr, device, metrics, progress,
-                 resume)
+                 resume, tf32)
     _drive(s, lambda: train_epochs(s, store, args, until_epoch))
     return {"checkpoint": out, **s.pos.to_dict(), "updates_per_epoch": per_epoch,
-            "lr": base_lr}
+            "lr": base_lr, "device": s.be.name}
 
 
 def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig, *,
                  init: str | None = None, model: str = "micro", resume: bool = False,
                  warmup_epochs: float = 0.0, device: str = "cpu", dtype: str = "float32",
                  metrics: str | None = None, seconds: float | None = None, progress: bool = True,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, tf32: bool = False) -> dict[str, Any]:
     """Train (or continue) the same model on ordinary windows of a corpus (or trie) store."""
     corpus = _corpus_of(corpus_url)
     _, starts, _ = corpus_windows(corpus, args.seq_len)
@@ -130,9 +134,10 @@ def train_window(corpus_url: str, out: str, args: WindowArgs, optim: OptimConfig
     ck = _prepare("window", source, out, resume, init, model, args.seq_len, args.seed, dtype,
                   settings, corpus, force)
     s = _session(ck, out, optim, epochs * per_epoch, optim.lr, device, metrics, progress,
-                 resume)
+                 resume, tf32)
     _drive(s, lambda: train_windows(s, corpus, args, seconds))
-    return {"checkpoint": out, **s.pos.to_dict(), "updates_per_epoch": per_epoch}
+    return {"checkpoint": out, **s.pos.to_dict(), "updates_per_epoch": per_epoch,
+            "device": s.be.name}
 
 
 def _corpus_of(url: str) -> CorpusStore:

@@ -83,7 +83,7 @@ class Session:
         return lr_at(self.optim, self.pos.update, self.total_updates, self.base_lr)
 
     def check_finite(self, loss_sum: float, where: str) -> None:
-        if not math.isfinite(loss_sum) or not bool(self.be.xp.isfinite(self.grad).all()):
+        if not math.isfinite(float(loss_sum)) or not bool(self.be.xp.isfinite(self.grad).all()):
             raise TrainingDiverged(
                 f"loss or gradient became NaN/Inf at {where} (update {self.pos.update + 1}); "
                 f"stopped without applying it. Last good checkpoint: {self.last_good or 'none'}"
@@ -91,6 +91,7 @@ class Session:
 
     def update(self, z: float, loss_sum: float, where: str) -> dict[str, float]:
         """Normalise the accumulated gradient by z, clip, step; zero the gradient."""
+        loss_sum = float(loss_sum)       # a device scalar on the GPU: one sync per update
         self.check_finite(loss_sum, where)
         lr = self.lr()
         self.grad /= z

@@ -1,18 +1,21 @@
 """`agpt train`: exact aggregated-gradient training on a trie store (SPEC §8).
 
 An epoch visits the units (every partition with its spine prefix as context, then the spine
-itself when it has nodes below the root), reading the next one on a background thread while
-the current one is computed. A unit larger than the memory budget is cut into chunks
+itself when it has nodes below the root), reading the next ones on loader threads while the
+current one is computed. On the GPU the loaders also cut and upload each unit (pinned memory,
+side stream), and units stay cached on the device while they fit the budget, so later epochs
+read nothing. A unit larger than the memory budget is cut into chunks
 (units.chunks) whose gradients sum to the unit's, so the budget never changes the math.
 One update per unit (`step="partition"`, the seed's recipe) or per epoch (`step="epoch"`).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from agpt.errors import AgptError
 from agpt.model.config import ModelConfig
-from agpt.model.gpt import loss_and_grad
+from agpt.model.gpt import Batch, loss_and_grad
 from agpt.store.trie import TrieStore
 from agpt.train.batches import unit_batch
 from agpt.train.objective import Weighting
@@ -35,7 +38,9 @@ class TrieArgs:
     gradient: str = "exact"          # exact | truncated
     mass_weight: str = "linear"
     entropy_lambda: float = 0.0
-    memory_budget: int = 2 << 30     # bytes of activations per chunk
+    memory_budget: int = 2 << 30     # CPU: bytes of activations per chunk
+    gpu_memory_budget: int = 0       # GPU: bytes the run may hold on the device (0: 90% of free)
+    loaders: int = 2                 # threads reading (and staging) the next units
     shuffle: bool = False            # visit partitions in a seeded random order each epoch
     seed: int = 0
 
@@ -44,6 +49,8 @@ class TrieArgs:
             raise AgptError("--epochs must be >= 1")
         if self.step not in ("partition", "epoch"):
             raise AgptError(f"unknown --step {self.step!r}: use partition or epoch")
+        if self.loaders < 1:
+            raise AgptError("--loaders must be >= 1")
         if self.gradient not in ("exact", "truncated"):
             raise AgptError(f"unknown --gradient {self.gradient!r}: use exact or truncated")
         Weighting(self.mass_weight, self.entropy_lambda)
@@ -56,21 +63,14 @@ class TrieArgs:
         return asdict(self)
 
 
-def bytes_per_row(cfg: ModelConfig, depth: int, itemsize: int) -> int:
-    """Peak activation bytes per row of the reference backend (saved activations per layer,
-    the gathered ancestor K/V and their gradient contributions, logits)."""
-    d, f, h = cfg.d_model, cfg.d_ff, cfg.n_heads
-    per_layer = 9 * d + 2 * f + h * depth + 2
-    transient = 6 * depth * d + 3 * h * depth
-    return itemsize * (cfg.n_layers * per_layer + transient + 3 * cfg.vocab_size + 4 * d) + 64
-
-
-def rows_for_budget(cfg: ModelConfig, depth: int, itemsize: int, budget: int) -> int:
-    rows = budget // bytes_per_row(cfg, depth, itemsize)
+def rows_for_budget(be, cfg: ModelConfig, depth: int, budget: int,
+                    flag: str = "--memory-budget") -> int:
+    """Rows per chunk whose activations fit `budget` bytes on backend `be`."""
+    per_row = be.bytes_per_row(cfg, depth)
+    rows = budget // per_row
     if rows < depth + 1:
-        need = (depth + 1) * bytes_per_row(cfg, depth, itemsize)
-        raise AgptError(f"--memory-budget {budget} bytes cannot hold one context of depth {depth} "
-                        f"(needs {need / 2**20:.1f} MiB); raise it")
+        raise AgptError(f"{flag} {budget:,} bytes cannot hold one context of depth {depth} "
+                        f"(needs {(depth + 1) * per_row / 2**20:.1f} MiB of activations); raise it")
     return int(rows)
 
 
@@ -86,34 +86,98 @@ def load_unit(store: TrieStore, i: int) -> Unit:
     return u
 
 
-def prefetch(store: TrieStore, order: list[int], depth: int = 2) -> Iterator[tuple[int, Unit]]:
-    """Units in `order`, each read and expanded on a background thread ahead of use."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+@dataclass
+class Staged:
+    """A unit ready to compute: its chunks as device batches (built on a loader thread when
+    the backend stages in the background, else lazily from the host unit)."""
 
-    def work() -> None:
-        try:
-            for i in order:
-                if stop.is_set():
-                    return
-                t = time.perf_counter()
-                q.put((i, load_unit(store, i), time.perf_counter() - t))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(e)
-        q.put(None)
+    name: str
+    n_rows: int
+    unit: Unit | None
+    batches: list[tuple[Batch, float]] | None
+    nbytes: int = 0
 
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
+    def each(self, be, max_rows: int, vocab_size: int, w: Weighting) -> Iterator[tuple[Batch, float]]:
+        if self.batches is not None:
+            yield from self.batches
+            return
+        assert self.unit is not None
+        for c in chunks(self.unit, max_rows):
+            yield unit_batch(be, c, vocab_size, w)
+
+
+def stage(be, store: TrieStore, i: int, max_rows: int, w: Weighting) -> Staged:
+    """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream)."""
+    unit = load_unit(store, i)
+    if not getattr(be, "stage_in_background", False):
+        return Staged(unit.name, unit.n_rows, unit, None)
+    def upload() -> list[tuple[Batch, float]]:
+        with be.staged():
+            return [unit_batch(be, c, store.vocab_size, w) for c in chunks(unit, max_rows)]
+
     try:
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        batches = upload()
+    except be.xp.cuda.memory.OutOfMemoryError:
+        # the pool caches freed blocks per stream and they count against the cap: release
+        # the ones no stream uses, then try once more
+        be.xp.get_default_memory_pool().free_all_blocks()
+        batches = upload()
+    return Staged(unit.name, unit.n_rows, None, batches, sum(_nbytes(b) for b, _ in batches))
+
+
+def _nbytes(b: Batch) -> int:
+    t, lay = b.targets, b.layout
+    arrays = [b.tokens, t.rows, t.row, t.token, t.coef, t.row_coef] if t else [b.tokens]
+    arrays += [getattr(lay, n) for n in ("parent", "depth", "anc") if hasattr(lay, n)]
+    return sum(int(a.nbytes) for a in arrays)
+
+
+def prefetch(make: Callable[[int], Staged], order: list[int], workers: int = 2,
+             ahead: int = 3) -> Iterator[tuple[int, Staged]]:
+    """make(i) for i in `order`, computed by `workers` threads up to `ahead` units early."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agpt-load")
+    pending: collections.deque = collections.deque()
+    it = iter(order)
+    try:
+        for i in itertools.islice(it, ahead):
+            pending.append((i, pool.submit(make, i)))
+        while pending:
+            i, fut = pending.popleft()
+            item = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(make, nxt)))
+            yield i, item
     finally:
-        stop.set()
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class GpuPlan:
+    """How a GPU run splits its memory budget: activations of one chunk, staged units in
+    flight, and a device cache of staged units reused from the second epoch on."""
+
+    budget: int
+    activations: int
+    cache: int
+
+
+def gpu_plan(be, budget: int) -> GpuPlan | None:
+    """None on the CPU. On the GPU the run may take `budget` more bytes than the process holds
+    now (0: 90% of the free device memory); the memory pool is capped there, so exceeding the
+    plan is an error, never a slow fallback."""
+    if not getattr(be, "stage_in_background", False):
+        return None
+    pool = be.xp.get_default_memory_pool()
+    pool.free_all_blocks()
+    free, _total = be.xp.cuda.runtime.memGetInfo()
+    if budget <= 0:
+        budget = int(0.9 * free)
+    # the pool counts whole cached chunks, and a chunk stays while any piece of it is in use
+    pool.set_limit(size=pool.total_bytes() + budget)
+    return GpuPlan(budget, budget // 2, budget // 4)
 
 
 def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
@@ -125,12 +189,33 @@ def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
 def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
                  until_epoch: int | None = None) -> None:
     """Run epochs from the session's position up to args.epochs (or until_epoch)."""
+    be = s.be
+    plan = gpu_plan(be, args.gpu_memory_budget)
+    try:
+        _run_epochs(s, store, args, until_epoch, plan)
+    finally:
+        if plan is not None:
+            be.xp.get_default_memory_pool().set_limit(size=0)     # the cap is this run's
+
+
+def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int | None,
+                plan: GpuPlan | None) -> None:
     cfg, be = s.cfg, s.be
-    V = store.vocab_size
     n_units = unit_count(store)
-    max_rows = min(rows_for_budget(cfg, store.max_depth, be.dtype.itemsize, args.memory_budget),
-                   max(be.chunk_rows, 2 * store.max_depth))
+    if plan is None:
+        per_chunk = rows_for_budget(be, cfg, store.max_depth, args.memory_budget)
+    else:
+        per_chunk = rows_for_budget(be, cfg, store.max_depth, plan.activations,
+                                    "--gpu-memory-budget (half of it for activations):")
+    max_rows = min(per_chunk, max(be.chunk_rows, 2 * store.max_depth))
+    w = args.weighting
     truncated = args.gradient == "truncated"
+    cache: dict[int, Staged] = {}           # device-resident units (GPU, while they fit)
+    cached_bytes = 0
+
+    def make(i: int) -> Staged:
+        return cache.get(i) or stage(be, store, i, max_rows, w)
+
     last = min(args.epochs, until_epoch or args.epochs)
     while s.pos.epoch < last:
         e = s.pos.epoch
@@ -144,14 +229,15 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
         io_wait = 0.0
         z_acc = loss_acc = 0.0
         t_wait = time.perf_counter()
-        for k, (i, unit, _read_s) in enumerate(prefetch(store, order[s.pos.unit:]), s.pos.unit):
+        units = prefetch(make, order[s.pos.unit:], workers=args.loaders)
+        for k, (i, unit) in enumerate(units, s.pos.unit):
             io_wait += time.perf_counter() - t_wait
             t_u = time.perf_counter()
             loss_sum = z = 0.0
-            for c in chunks(unit, max_rows):
-                batch, zc = unit_batch(be, c, V, args.weighting)
+            for batch, zc in unit.each(be, max_rows, store.vocab_size, w):
                 loss_sum += loss_and_grad(cfg, be, s.params, batch, s.grad, truncated)
                 z += zc
+            loss_sum = float(loss_sum)
             ep_loss += loss_sum
             ep_z += z
             ep_rows += unit.n_rows
@@ -169,6 +255,10 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
                 z_acc += z
                 loss_acc += loss_sum
                 s.check_finite(loss_sum, where)
+            be.synchronize()          # the unit's arrays may be freed (or cached) from here on
+            if plan is not None and i not in cache and cached_bytes + unit.nbytes <= plan.cache:
+                cache[i] = unit
+                cached_bytes += unit.nbytes
             if args.step == "partition":
                 s.pos.unit = k + 1    # resumable here; an epoch-step run restarts its epoch
             rate = ep_rows / max(1e-9, time.perf_counter() - t_ep)
@@ -180,10 +270,13 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
             s.log("step", rows=ep_rows, **info)
         secs = time.perf_counter() - t_ep
         s.pos.epoch, s.pos.unit = e + 1, 0
+        gpu = {} if plan is None else {"gpu_peak_mb": round(be.peak_memory() / 2**20, 1),
+                                       "gpu_cached_units": len(cache), "chunk_rows": max_rows}
         s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
               rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
-              lr=s.lr())
+              lr=s.lr(), **gpu)
+        peak = f", peak GPU memory {gpu['gpu_peak_mb']:,.0f} MB" if gpu else ""
         s.show(f"epoch {e + 1}/{args.epochs} loss {ep_loss / max(ep_z, 1e-12):.4f} "
-               f"{ep_rows:,} rows in {secs:.1f} s ({ep_rows / max(secs, 1e-9):,.0f} rows/s)",
-               final=True)
+               f"{ep_rows:,} rows in {secs:.1f} s ({ep_rows / max(secs, 1e-9):,.0f} rows/s, "
+               f"I/O wait {io_wait:.2f} s{peak})", final=True)
         s.save()

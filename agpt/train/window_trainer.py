@@ -79,7 +79,7 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
                 sel = rng.integers(0, len(starts), args.batch_size)
             t_b = time.perf_counter()
             batch, z = window_batch(be, toks, starts[sel], lengths[sel], args.seq_len)
-            loss_sum = loss_and_grad(cfg, be, s.params, batch, s.grad)
+            loss_sum = float(loss_and_grad(cfg, be, s.params, batch, s.grad))
             info = s.update(z, loss_sum, f"epoch {e + 1} batch {k + 1}/{per_epoch}")
             be.synchronize()
             dt = time.perf_counter() - t_b

@@ -1,0 +1,140 @@
+"""Each CUDA kernel (agpt/gpu/kernels.py) against the NumPy reference method it replaces.
+
+The reference runs in float64 on the same (fp32-representable) inputs; fp32 kernels must match
+it within 1e-5 of the largest magnitude, float64 kernels within 1e-10. Freed pool memory is
+poisoned with NaN before each kernel, so an output element left unwritten fails the test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import poison
+
+from agpt.backend import NumpyBackend
+from agpt.model.layout import WindowLayout, tree_layout
+
+cp = pytest.importorskip("cupy")
+pytestmark = pytest.mark.gpu
+
+REF = NumpyBackend("float64")
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def random_forest(rng: np.random.Generator, n: int, dm: int, wide: bool = False):
+    """(parent, depth) of n rows in depth-first preorder, depth <= dm. `wide`: one root whose
+    subtree holds every row, so its K/V gradient sums contributions from thousands of warps."""
+    depth = np.empty(n, np.int64)
+    parent = np.empty(n, np.int64)
+    stack: list[int] = []
+    for i in range(n):
+        top = len(stack) + 1
+        lo = 2 if wide and i else 1
+        d = int(rng.integers(lo, min(top, dm) + 1)) if i else 1
+        if rng.random() < 0.6 and top <= dm:
+            d = max(d, min(top, dm))          # favour long chains, as in a radix trie
+        del stack[d - 1:]
+        parent[i] = stack[-1] if stack else -1
+        depth[i] = d
+        stack.append(i)
+    return parent, depth
+
+
+def close(got, ref, dtype) -> None:
+    got = cp.asnumpy(got).astype(np.float64)
+    scale = max(1e-30, float(np.abs(ref).max()))
+    assert np.isfinite(got).all()
+    assert float(np.abs(got - ref).max()) <= TOL[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, False), (37, 4, False), (3000, 8, False),
+                                   (5000, 16, True), (2000, 32, True)])
+@pytest.mark.parametrize("truncated", [False, True])
+def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
+    n, dm, wide = shape
+    rng = np.random.default_rng(n + dm)
+    parent, depth = random_forest(rng, n, dm, wide)
+    h, e = 4, 16
+    q, k, v, do = (rng.standard_normal((n, h, e)).astype(dtype) for _ in range(4))
+    tree = tree_layout(parent, depth)
+    o_ref, p_ref = REF.tree_attention(*(a.astype(np.float64) for a in (q, k, v)), tree)
+    back_ref = REF.tree_attention_backward(*(a.astype(np.float64) for a in (do, q, k, v)), p_ref,
+                                           tree, truncated)
+    be = type(gpu)(np.dtype(dtype).name)
+    t = be.tree_layout(parent, depth)
+    dq_, dk_, dv_ = (cp.asarray(a) for a in (q, k, v))
+    poison()
+    o, att = be.tree_attention(dq_, dk_, dv_, t)
+    close(o, o_ref, dtype)
+    poison()
+    for got, ref in zip(be.tree_attention_backward(cp.asarray(do), dq_, dk_, dv_, att, t, truncated),
+                        back_ref, strict=True):
+        close(got, ref, dtype)
+
+
+def test_check_preorder_rejects_non_preorder(gpu) -> None:
+    parent, depth = random_forest(np.random.default_rng(5), 500, 8)
+    gpu.tree_layout(parent, depth)
+    # rows A(1) B(1) C(2, child of A): A's subtree is not contiguous
+    for par, dep in [([-1, -1, 0], [1, 1, 2]), ([-1, 0, 0], [1, 2, 3]), ([0], [1]), ([-1, 1], [1, 2])]:
+        with pytest.raises(ValueError, match="preorder"):
+            gpu.tree_layout(np.array(par), np.array(dep))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [32, 64, 100])
+def test_layernorm_kernels(gpu, dtype, d) -> None:
+    rng = np.random.default_rng(d)
+    n = 4099
+    x, dy = (rng.standard_normal((n, d)).astype(dtype) * 3 + 1 for _ in range(2))
+    g, b = (rng.standard_normal(d).astype(dtype) for _ in range(2))
+    y_ref, c_ref = REF.layernorm(*(a.astype(np.float64) for a in (x, g, b)), 1e-5)
+    be = type(gpu)(np.dtype(dtype).name)
+    poison()
+    y, c = be.layernorm(cp.asarray(x), cp.asarray(g), cp.asarray(b), 1e-5)
+    close(y, y_ref, dtype)
+    poison()
+    for got, ref in zip(be.layernorm_backward(cp.asarray(dy), c, cp.asarray(g)),
+                        REF.layernorm_backward(dy.astype(np.float64), c_ref, g.astype(np.float64)),
+                        strict=True):
+        close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_kernel(gpu, inverse) -> None:
+    rng = np.random.default_rng(7)
+    lay = WindowLayout(5, 33)
+    x = rng.standard_normal((lay.n_rows, 4, 16)).astype(np.float32)
+    ref = REF.rope(x.astype(np.float64), *REF.rope_tables(lay, 16, 10000.0), inverse=inverse)
+    poison()
+    got = gpu.rope(cp.asarray(x), *gpu.rope_tables(lay, 16, 10000.0), inverse=inverse)
+    close(got, ref, np.float32)
+
+
+@pytest.mark.parametrize("v", [1, 65, 200])
+def test_embedding_backward_kernel(gpu, v) -> None:
+    rng = np.random.default_rng(v)
+    n, d = 100_003, 48
+    tok = rng.integers(0, v, n)
+    src = rng.standard_normal((n, d)).astype(np.float32)
+    dst = rng.standard_normal((v, d)).astype(np.float32)
+    ref = dst.astype(np.float64)
+    REF.scatter_add(ref, tok, src.astype(np.float64))
+    got = cp.asarray(dst)
+    gpu.scatter_add(got, cp.asarray(tok), cp.asarray(src))
+    close(got, ref, np.float32)
+
+
+def test_relu_and_bias_gradient_kernels(gpu) -> None:
+    rng = np.random.default_rng(8)
+    f, dr = (rng.standard_normal((70_001, 96)).astype(np.float32) for _ in range(2))
+    f[::7] = 0.0
+    poison()
+    close(gpu.relu(cp.asarray(f)), REF.relu(f.astype(np.float64)), np.float32)
+    poison()
+    close(gpu.relu_backward(cp.asarray(dr), cp.asarray(f)),
+          REF.relu_backward(dr.astype(np.float64), f.astype(np.float64)), np.float32)
+    for n in (1, 70_001, 5):            # the cached ones vector grows, then is sliced
+        close(gpu.sum_rows(cp.asarray(dr[:n])), REF.sum_rows(dr[:n].astype(np.float64)),
+              np.float32)
