@@ -96,6 +96,16 @@ def throughput(work: Path, depth: int, repeats: int, device: str) -> dict:
             "epoch_rows": int(t.totals().get("radix_edge_tokens", 0))}
 
 
+def workdir(path: str | None, prefix: str) -> Path | None:
+    """The benchmark's work directory, or None (after saying so) when the corpus is absent."""
+    if not TS.is_file():
+        print(f"{TS} not found: skipping")
+        return None
+    work = Path(path or tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def window_rates(be, cfg, flat, grad, opt, corpus, seq_len: int, batch: int, steps: int,
                  repeats: int) -> list[float]:
     """Window-training positions/s (random starts, one update per batch) per repeat of `steps`
@@ -181,11 +191,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    if not TS.is_file():
-        print(f"{TS} not found: skipping")
+    work = workdir(a.workdir, "agpt-train-bench-")
+    if work is None:
         return
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="agpt-train-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     for case in a.cases.split(","):
         t0 = time.perf_counter()
         if case == "throughput":

@@ -22,12 +22,11 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from train import TS, heldout_ppl, stores, window_rates
+from train import heldout_ppl, stores, window_rates, workdir
 
 from agpt.backend import get_backend
 from agpt.model.config import preset
@@ -160,11 +159,9 @@ def main() -> None:
     ap.add_argument("--loaders", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    if not TS.is_file():
-        print(f"{TS} not found: skipping")
+    work = workdir(a.workdir, "agpt-gpu-bench-")
+    if work is None:
         return
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="agpt-gpu-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     for depth in (int(x) for x in a.depths.split(",")):
         for case in a.cases.split(","):
             t0 = time.perf_counter()

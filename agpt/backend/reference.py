@@ -195,7 +195,8 @@ class NumpyBackend:
         e = self.xp.exp(logits - m)
         z = e.sum(-1, keepdims=True)
         lse = (self.xp.log(z) + m)[:, 0]
-        loss = float((row_coef * lse).sum() - (coef * logits[row, token]).sum())
+        # a 0-d array, not a float: on the GPU reading it would sync every chunk
+        loss = (row_coef * lse).sum() - (coef * logits[row, token]).sum()
         d = e * (row_coef[:, None] / z)
         d[row, token] -= coef      # (row, token) pairs are unique
         return loss, d

@@ -4,7 +4,8 @@ It inherits the NumPy reference (agpt/backend/reference.py, written against `sel
 replaces the hot operations with the kernels of agpt/gpu/kernels.py, each tested against the
 reference method it replaces (tests/test_gpu_backend.py): scoped tree attention and its
 aggregated backward (parent pointers, no ancestor gathers), LayerNorm, RoPE and the
-embedding gradient. Matmuls go to cuBLAS through `cupy.matmul` (TF32 on request).
+embedding gradient. (The segmented-sum aggregation of the reference is not used: the attention
+backward kernel aggregates.) Matmuls go to cuBLAS through `cupy.matmul` (TF32 on request).
 Uploads made inside `staged()` go through pinned host memory on a side stream, so a loader
 thread fills the next unit while the GPU computes the current one.
 """
@@ -160,26 +161,6 @@ class CupyBackend(NumpyBackend):
         o, lse = att
         return self.k.tree_attention_backward(cp.ascontiguousarray(do), q, k, v, o, lse,
                                               tree.parent, tree.depth, truncated)
-
-    def xent_counts(self, logits, row, token, coef, row_coef):
-        """As the reference, but the loss stays on the device (no sync per chunk)."""
-        m = logits.max(-1, keepdims=True)
-        e = cp.exp(logits - m)
-        z = e.sum(-1, keepdims=True)
-        lse = (cp.log(z) + m)[:, 0]
-        loss = (row_coef * lse).sum() - (coef * logits[row, token]).sum()
-        d = e * (row_coef[:, None] / z)
-        d[row, token] -= coef
-        return loss, d
-
-    def segment_sum(self, y, starts):
-        """Contiguous segments: differences of a float64 prefix sum (exact to ~1e-16 of the
-        running total, far below fp32 rounding)."""
-        c = cp.empty((y.shape[0] + 1, y.shape[1]), dtype=cp.float64)
-        c[0] = 0
-        cp.cumsum(y, axis=0, dtype=cp.float64, out=c[1:])
-        ends = cp.concatenate([starts[1:], cp.asarray([y.shape[0]], dtype=starts.dtype)])
-        return (c[ends] - c[starts]).astype(y.dtype)
 
     def scatter_add(self, dst, idx, src) -> None:
         if dst.ndim == 2 and src.ndim == 2 and self.k.embedding_backward(dst, idx, src):
