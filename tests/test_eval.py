@@ -47,7 +47,7 @@ def direct_nll(flat: np.ndarray, ctx: np.ndarray, target: int) -> float:
     """-log p(target | ctx) from one forward over ctx alone (the oracle)."""
     ctx = np.asarray(ctx, np.int64)
     y, _ = forward(CFG, BE, flat, Batch(ctx, WindowLayout(1, len(ctx))))
-    z = logits_of(CFG, flat, y[-1:])[0]
+    z = logits_of(CFG, BE, flat, y[-1:])[0]
     m = z.max()
     return float(np.log(np.exp(z - m).sum()) + m - z[target])
 

@@ -94,11 +94,22 @@ def test_layernorm_kernels(gpu, dtype, d) -> None:
     poison()
     y, c = be.layernorm(cp.asarray(x), cp.asarray(g), cp.asarray(b), 1e-5)
     close(y, y_ref, dtype)
+    # gradients are added into what is there: the residual stream's dx, the gain and bias
+    # gradients (start them nonzero to check)
+    dx0, dg0, db0 = (rng.standard_normal(s).astype(dtype) for s in ((n, d), d, d))
+    refs = [a.astype(np.float64) for a in (dx0, dg0, db0)]
+    REF.layernorm_backward(dy.astype(np.float64), c_ref, g.astype(np.float64), refs[1], refs[2],
+                           dx=refs[0])
     poison()
-    for got, ref in zip(be.layernorm_backward(cp.asarray(dy), c, cp.asarray(g)),
-                        REF.layernorm_backward(dy.astype(np.float64), c_ref, g.astype(np.float64)),
-                        strict=True):
-        close(got, ref, dtype)
+    got = [cp.asarray(a) for a in (dx0, dg0, db0)]
+    be.layernorm_backward(cp.asarray(dy), c, cp.asarray(g), got[1], got[2], dx=got[0])
+    for a, ref in zip(got, refs, strict=True):
+        close(a, ref, dtype)
+    poison()                                   # without dx: a fresh gradient
+    dg, db = cp.zeros(d, dtype), cp.zeros(d, dtype)
+    fresh = be.layernorm_backward(cp.asarray(dy), c, cp.asarray(g), dg, db)
+    close(fresh, REF.layernorm_backward(dy.astype(np.float64), c_ref, g.astype(np.float64),
+                                        np.zeros(d), np.zeros(d)), dtype)
 
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -129,12 +140,73 @@ def test_embedding_backward_kernel(gpu, v) -> None:
 def test_relu_and_bias_gradient_kernels(gpu) -> None:
     rng = np.random.default_rng(8)
     f, dr = (rng.standard_normal((70_001, 96)).astype(np.float32) for _ in range(2))
-    f[::7] = 0.0
+    b = rng.standard_normal(96).astype(np.float32)
+    f[::7] = -b                               # f + b == 0 exactly: relu's kink
     poison()
-    close(gpu.relu(cp.asarray(f)), REF.relu(f.astype(np.float64)), np.float32)
+    r = gpu.bias_relu(cp.asarray(f), cp.asarray(b))
+    r_ref = REF.bias_relu(f.astype(np.float64), b.astype(np.float64))
+    close(r, r_ref, np.float32)
     poison()
-    close(gpu.relu_backward(cp.asarray(dr), cp.asarray(f)),
-          REF.relu_backward(dr.astype(np.float64), f.astype(np.float64)), np.float32)
+    close(gpu.relu_backward(cp.asarray(dr), r),
+          REF.relu_backward(dr.astype(np.float64), r_ref), np.float32)
     for n in (1, 70_001, 5):            # the cached ones vector grows, then is sliced
         close(gpu.sum_rows(cp.asarray(dr[:n])), REF.sum_rows(dr[:n].astype(np.float64)),
               np.float32)
+    acc = rng.standard_normal(96).astype(np.float32)
+    got = cp.asarray(acc)
+    gpu.sum_rows(cp.asarray(dr), out=got)
+    close(got, REF.sum_rows(dr.astype(np.float64), out=acc.astype(np.float64)), np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("acc", [False, True])
+def test_gemm_strided_accumulate(gpu, dtype, ta, tb, acc) -> None:
+    """matmul on cuBLAS against NumPy: transposes, accumulation, and operands that are column
+    blocks of wider arrays (the q/k/v parts of the fused projection's gradient)."""
+    rng = np.random.default_rng(int(ta) + 2 * int(tb) + 4 * int(acc))
+    be = type(gpu)(np.dtype(dtype).name)
+    m, k, n = 1037, 70, 48
+    wide_a = rng.standard_normal((k, 3 * m) if ta else (m, 3 * k)).astype(dtype)
+    wide_b = rng.standard_normal((n, 2 * k) if tb else (k, 2 * n)).astype(dtype)
+    a = wide_a[:, m:2 * m] if ta else wide_a[:, k:2 * k]
+    b = wide_b[:, :k] if tb else wide_b[:, n:]
+    out0 = rng.standard_normal((m, 2 * n)).astype(dtype)
+    ref = out0.astype(np.float64)
+    REF.matmul(a.astype(np.float64), b.astype(np.float64), ta=ta, tb=tb, out=ref[:, :n], acc=acc)
+    ga, gb = cp.asarray(wide_a), cp.asarray(wide_b)
+    got = cp.asarray(out0)
+    poison()
+    be.matmul(ga[:, m:2 * m] if ta else ga[:, k:2 * k], gb[:, :k] if tb else gb[:, n:],
+              ta=ta, tb=tb, out=got[:, :n], acc=acc)
+    close(got, ref, dtype)                    # the right half of out is untouched
+    fresh = be.matmul(cp.asarray(a), cp.asarray(b), ta=ta, tb=tb)
+    close(fresh, REF.matmul(a.astype(np.float64), b.astype(np.float64), ta=ta, tb=tb), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_qkv_heads_kernels(gpu, dtype) -> None:
+    """Bias + RoPE of the fused projection, and its backward (float64 dk/dv accepted)."""
+    rng = np.random.default_rng(11)
+    lay = WindowLayout(7, 33)
+    n, h, e = lay.n_rows, 4, 16
+    d = h * e
+    be = type(gpu)(np.dtype(dtype).name)
+    qkv = rng.standard_normal((n, 3 * d)).astype(dtype)
+    bias = rng.standard_normal(3 * d).astype(dtype)
+    refs = REF.qkv_heads(qkv.astype(np.float64), bias.astype(np.float64),
+                         REF.rope_tables(lay, e, 10000.0), h)
+    rope = be.rope_tables(lay, e, 10000.0)
+    poison()
+    for got, ref in zip(be.qkv_heads(cp.asarray(qkv), cp.asarray(bias), rope, h), refs,
+                        strict=True):
+        close(got, ref, dtype)
+    dq, dk, dv = (rng.standard_normal((n, h, e)).astype(dtype) for _ in range(3))
+    ref = REF.qkv_heads_backward(*(x.astype(np.float64) for x in (dq, dk, dv)),
+                                 REF.rope_tables(lay, e, 10000.0))
+    poison()
+    close(be.qkv_heads_backward(cp.asarray(dq), cp.asarray(dk), cp.asarray(dv), rope), ref, dtype)
+    poison()
+    close(be.qkv_heads_backward(cp.asarray(dq), cp.asarray(dk, np.float64),
+                                cp.asarray(dv, np.float64), rope), ref, dtype)

@@ -57,17 +57,36 @@ class NumpyBackend:
     def synchronize(self) -> None:
         pass
 
-    # -- small pieces ---------------------------------------------------------------------
-    def sum_rows(self, x: np.ndarray) -> np.ndarray:
-        """x.sum(0): the gradient of a bias added to every row."""
-        return x.sum(0)
+    # -- matrix products and small pieces --------------------------------------------------
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, ta: bool = False, tb: bool = False,
+               out: np.ndarray | None = None, acc: bool = False) -> np.ndarray:
+        """op(a) @ op(b) (op transposes when ta / tb); written into `out`, or added to it (acc):
+        gradients and residuals accumulate in place, with no temporary on the GPU."""
+        r = (a.T if ta else a) @ (b.T if tb else b)
+        if out is None:
+            return r
+        if acc:
+            out += r
+        else:
+            out[...] = r
+        return out
 
-    def relu(self, f: np.ndarray) -> np.ndarray:
-        return self.xp.maximum(f, 0)
+    def sum_rows(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x.sum(0), the gradient of a bias added to every row; added into `out` if given."""
+        if out is None:
+            return x.sum(0)
+        out += x.sum(0)
+        return out
 
-    def relu_backward(self, dr: np.ndarray, f: np.ndarray) -> np.ndarray:
-        """dL/df from dL/dr for r = relu(f)."""
-        return dr * (f > 0)
+    def bias_relu(self, f: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """relu(f + b) (f may be overwritten): the FFN's first activation, saved for the
+        backward instead of f, since r > 0 exactly where f + b > 0."""
+        f += b
+        return self.xp.maximum(f, 0, out=f)
+
+    def relu_backward(self, dr: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """dL/df from dL/dr for r = relu(f), masked by the output r (dr may be overwritten)."""
+        return dr * (r > 0)
 
     # -- layer norm -----------------------------------------------------------------------
     def layernorm(self, x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float):
@@ -77,14 +96,20 @@ class NumpyBackend:
         xhat = xc * rstd
         return xhat * g + b, (xhat, rstd)
 
-    def layernorm_backward(self, dy: np.ndarray, cache: tuple, g: np.ndarray):
+    def layernorm_backward(self, dy: np.ndarray, cache: tuple, g: np.ndarray, dg: np.ndarray,
+                           db: np.ndarray, dx: np.ndarray | None = None) -> np.ndarray:
+        """dL/dx, added into `dx` when given (the residual stream's gradient); the gain and
+        bias gradients are added into dg and db."""
         xhat, rstd = cache
-        dg = (dy * xhat).sum(0)
-        db = dy.sum(0)
+        dg += (dy * xhat).sum(0)
+        db += dy.sum(0)
         dxh = dy * g
-        dx = rstd * (dxh - dxh.mean(-1, keepdims=True)
-                     - xhat * (dxh * xhat).mean(-1, keepdims=True))
-        return dx, dg, db
+        d = rstd * (dxh - dxh.mean(-1, keepdims=True)
+                    - xhat * (dxh * xhat).mean(-1, keepdims=True))
+        if dx is None:
+            return d
+        dx += d
+        return dx
 
     # -- rotary position encoding (adjacent pairs) ----------------------------------------
     def rope_tables(self, layout: Any, head_dim: int, base: float):
@@ -104,6 +129,21 @@ class NumpyBackend:
         out[..., 0::2] = a * cos - b * sin
         out[..., 1::2] = a * sin + b * cos
         return out
+
+    def qkv_heads(self, qkv: np.ndarray, bias: np.ndarray, rope: tuple, n_heads: int):
+        """q, k, v (N, H, E) from the fused projection qkv (N, 3d): bias added, q and k rotated."""
+        n, d = qkv.shape[0], qkv.shape[1] // 3
+        x = qkv + bias
+        q, k, v = (x[:, j * d:(j + 1) * d].reshape(n, n_heads, -1) for j in range(3))
+        return self.rope(q, *rope), self.rope(k, *rope), self.xp.ascontiguousarray(v)
+
+    def qkv_heads_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+                           rope: tuple) -> np.ndarray:
+        """d qkv (N, 3d) from the gradients of q, k, v (N, H, E): the rotations undone."""
+        n = dq.shape[0]
+        parts = (self.rope(dq, *rope, inverse=True), self.rope(dk, *rope, inverse=True), dv)
+        return self.xp.concatenate([x.reshape(n, -1).astype(self.dtype, copy=False)
+                                    for x in parts], axis=1)
 
     # -- attention over a trie unit --------------------------------------------------------
     def tree_attention(self, q, k, v, tree: TreeLayout):

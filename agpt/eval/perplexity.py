@@ -149,7 +149,7 @@ def score(cfg: ModelConfig, be: Any, flat: Any, tokens: np.ndarray, plan: Plan,
             batch = Batch(be.asarray(tokens[at].ravel().astype(np.int64)),
                           be.prepare(WindowLayout(len(sel), t)))
             y, _ = forward(cfg, be, w, batch)
-            logits = logits_of(cfg, w, y[be.asarray(rows)])
+            logits = logits_of(cfg, be, w, y[be.asarray(rows)])
             m = logits.max(-1, keepdims=True)
             lse = (xp.log(xp.exp(logits - m).sum(-1, keepdims=True)) + m)[:, 0]
             nll = lse - logits[xp.arange(len(rows)), be.asarray(target)]

@@ -63,7 +63,7 @@ def sample(cfg: ModelConfig, be: Any, flat: Any, prompt: Sequence[int] | np.ndar
         t = len(ctx)
         batch = Batch(be.asarray(np.asarray(ctx, np.int64)), be.prepare(WindowLayout(1, t)))
         y, _ = forward(cfg, be, w, batch)
-        logits = be.to_host(logits_of(cfg, w, y[t - 1:t]))[0]
+        logits = be.to_host(logits_of(cfg, be, w, y[t - 1:t]))[0]
         if not np.all(np.isfinite(logits)):
             raise AgptError("the model produced NaN/Inf logits: the checkpoint's weights are "
                             "not finite")

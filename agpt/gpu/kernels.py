@@ -8,7 +8,8 @@
 | `layernorm_backward`      | `NumpyBackend.layernorm_backward`            |
 | `rope`                    | `NumpyBackend.rope`                          |
 | `embedding_backward`      | `NumpyBackend.scatter_add` (token rows)      |
-| `relu`, `relu_backward`   | `NumpyBackend.relu`, `.relu_backward`        |
+| `bias_relu`, `relu_backward` | `NumpyBackend.bias_relu`, `.relu_backward` |
+| `qkv_heads`, `qkv_heads_backward` | `NumpyBackend.qkv_heads`, `.qkv_heads_backward` |
 | `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
 
 Scoped attention never gathers ancestors: the thread of (row i, head h) walks i's parent
@@ -222,11 +223,11 @@ extern "C" __global__ void ln_fwd(
     if (lane == 0) rstd[row] = rs;
 }
 
-// dx per row (one warp per row, grid-stride); dg, db summed per lane, then one atomic per
-// column per warp into zeroed outputs.
+// dx per row (one warp per row, grid-stride), written or (acc) added to dx, the residual
+// stream's gradient; dg, db summed per lane, then one atomic per column per warp into them.
 extern "C" __global__ void ln_bwd(
     const T* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ rstd,
-    const T* __restrict__ g, const long long n,
+    const T* __restrict__ g, const long long n, const int acc,
     T* __restrict__ dx, T* __restrict__ dg, T* __restrict__ db)
 {
     const int lane = threadIdx.x & 31;
@@ -256,7 +257,10 @@ extern "C" __global__ void ln_bwd(
 #pragma unroll
         for (int u = 0; u < NPL; ++u) {
             const int c = lane + 32 * u;
-            if (c < D) dx[row * D + c] = rs * (d[u] - m1 - xh[u] * m2);
+            if (c < D) {
+                const T v = rs * (d[u] - m1 - xh[u] * m2);
+                dx[row * D + c] = acc ? dx[row * D + c] + v : v;
+            }
         }
     }
 #pragma unroll
@@ -381,35 +385,36 @@ def layernorm(x: Any, g: Any, b: Any, eps: float):
     return y, (xhat, rstd)
 
 
-def layernorm_backward(dy: Any, cache: tuple, g: Any):
+def layernorm_backward(dy: Any, cache: tuple, g: Any, dg: Any, db: Any, dx: Any = None):
+    """dx (added into `dx` when given); dg, db added into the given (D,) arrays."""
     xhat, rstd = cache
     n, d = dy.shape
-    dx = cp.empty_like(dy)
-    dg = cp.zeros((d,), dtype=dy.dtype)
-    db = cp.zeros((d,), dtype=dy.dtype)
+    acc = dx is not None
+    if dx is None:
+        dx = cp.empty_like(dy)
     if n:
         fn = _module(_LAYERNORM, D=d, T=_ctype(dy.dtype)).get_function("ln_bwd")
         blocks = min(_blocks(n * 32, 256), 4 * _sm_count())
-        fn((blocks,), (256,), (dy, xhat, rstd, g, cp.int64(n), dx, dg, db))
-    return dx, dg, db
+        fn((blocks,), (256,), (dy, xhat, rstd, g, cp.int64(n), cp.int32(acc), dx, dg, db))
+    return dx
 
 
-_rope = None
+_ROPE_PAIR = """
+    const int row = i / he2, m = i % e2, p = pos[row];
+    const T c = ct[p * e2 + m], s = sign * st[p * e2 + m];
+"""
+
+_rope = cp.ElementwiseKernel(
+    "raw T x, raw int32 pos, raw T ct, raw T st, int32 he2, int32 e2, T sign", "raw T y",
+    _ROPE_PAIR + """
+    const T a = x[2 * i], b = x[2 * i + 1];
+    y[2 * i] = a * c - b * s;
+    y[2 * i + 1] = a * s + b * c;
+    """, "agpt_rope")
 
 
 def rope(x: Any, pos: Any, cos_tab: Any, sin_tab: Any, inverse: bool) -> Any:
     """Rotate pairs of x (N, H, E) by pos * theta_m, with cos/sin tables (P, E/2)."""
-    global _rope
-    if _rope is None:
-        _rope = cp.ElementwiseKernel(
-            "raw T x, raw int32 pos, raw T ct, raw T st, int32 he2, int32 e2, T sign", "raw T y",
-            """
-            const int row = i / he2, m = i % e2, p = pos[row];
-            const T c = ct[p * e2 + m], s = sign * st[p * e2 + m];
-            const T a = x[2 * i], b = x[2 * i + 1];
-            y[2 * i] = a * c - b * s;
-            y[2 * i + 1] = a * s + b * c;
-            """, "agpt_rope")
     n, h, e = x.shape
     y = cp.empty_like(x)
     if n:
@@ -418,12 +423,77 @@ def rope(x: Any, pos: Any, cos_tab: Any, sin_tab: Any, inverse: bool) -> Any:
     return y
 
 
-relu = cp.ElementwiseKernel("T f", "T r", "r = f > (T)0 ? f : (T)0", "agpt_relu")
-_relu_back = cp.ElementwiseKernel("T d, T f", "T g", "g = f > (T)0 ? d : (T)0", "agpt_relu_back")
+# Thread i handles one adjacent pair (2c, 2c+1) of the row's 3d columns [q | k | v]; a pair
+# never straddles two parts (E is even). q and k pairs rotate by pos * theta_m.
+_qkv_fwd = cp.ElementwiseKernel(
+    "raw T x, raw T bias, raw int32 pos, raw T ct, raw T st, int32 d, int32 e2", "raw T q, raw T k, raw T v",
+    """
+    const int w = 3 * d / 2, row = i / w, c = 2 * (i % w), part = c / d, cc = c % d;
+    const T a = x[(long long)row * 3 * d + c] + bias[c];
+    const T b = x[(long long)row * 3 * d + c + 1] + bias[c + 1];
+    T y0 = a, y1 = b;
+    if (part < 2) {
+        const int m = (cc / 2) % e2, p = pos[row];
+        const T co = ct[p * e2 + m], si = st[p * e2 + m];
+        y0 = a * co - b * si;
+        y1 = a * si + b * co;
+    }
+    T* out = part == 0 ? &q[0] : part == 1 ? &k[0] : &v[0];
+    out[(long long)row * d + cc] = y0;
+    out[(long long)row * d + cc + 1] = y1;
+    """, "agpt_qkv_fwd")
+
+# The inverse: gradients of q, k (rotated back), v -> one (N, 3d) array; dk and dv may be the
+# attention backward's float64 accumulators (cast here instead of in a separate pass).
+_qkv_bwd = cp.ElementwiseKernel(
+    "raw T dq, raw K dk, raw K dv, raw int32 pos, raw T ct, raw T st, int32 d, int32 e2", "raw T g",
+    """
+    const int w = 3 * d / 2, row = i / w, c = 2 * (i % w), part = c / d, cc = c % d;
+    const long long src = (long long)row * d + cc;
+    T a, b;
+    if (part == 0) { a = dq[src]; b = dq[src + 1]; }
+    else if (part == 1) { a = (T)dk[src]; b = (T)dk[src + 1]; }
+    else { a = (T)dv[src]; b = (T)dv[src + 1]; }
+    T y0 = a, y1 = b;
+    if (part < 2) {
+        const int m = (cc / 2) % e2, p = pos[row];
+        const T co = ct[p * e2 + m], si = st[p * e2 + m];
+        y0 = a * co + b * si;
+        y1 = b * co - a * si;
+    }
+    g[(long long)row * 3 * d + c] = y0;
+    g[(long long)row * 3 * d + c + 1] = y1;
+    """, "agpt_qkv_bwd")
 
 
-def relu_backward(dr: Any, f: Any) -> Any:
-    return _relu_back(dr, f, dr)      # in place: dr is a temporary of the caller
+def qkv_heads(qkv: Any, bias: Any, pos: Any, cos_tab: Any, sin_tab: Any, n_heads: int):
+    """q, k, v (N, H, E) from qkv (N, 3d) contiguous: bias added, q and k rotated."""
+    n, d3 = qkv.shape
+    d = d3 // 3
+    q, k, v = (cp.empty((n, n_heads, d // n_heads), dtype=qkv.dtype) for _ in range(3))
+    if n:
+        _qkv_fwd(qkv, bias, pos, cos_tab, sin_tab, cp.int32(d), cp.int32(d // n_heads // 2),
+                 q, k, v, size=n * d3 // 2)
+    return q, k, v
+
+
+def qkv_heads_backward(dq: Any, dk: Any, dv: Any, pos: Any, cos_tab: Any, sin_tab: Any) -> Any:
+    """(N, 3d) gradient of the fused projection from dq (N, H, E) and dk, dv (any float type)."""
+    n, h, e = dq.shape
+    g = cp.empty((n, 3 * h * e), dtype=dq.dtype)
+    if n:
+        _qkv_bwd(dq, dk, dv, pos, cos_tab, sin_tab, cp.int32(h * e), cp.int32(e // 2), g,
+                 size=n * 3 * h * e // 2)
+    return g
+
+
+bias_relu = cp.ElementwiseKernel("T f, T b", "T r", "r = f + b > (T)0 ? f + b : (T)0",
+                                 "agpt_bias_relu")
+_relu_back = cp.ElementwiseKernel("T d, T r", "T g", "g = r > (T)0 ? d : (T)0", "agpt_relu_back")
+
+
+def relu_backward(dr: Any, r: Any) -> Any:
+    return _relu_back(dr, r, dr)      # in place: dr is a temporary of the caller
 
 
 def embedding_backward(dst: Any, tokens: Any, src: Any) -> bool:

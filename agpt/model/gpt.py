@@ -51,87 +51,90 @@ def _attention(be, layout: Layout):
     return be.tree_attention, be.tree_attention_backward
 
 
+def _qkv(be, w) -> tuple[Any, Any]:
+    """The q, k, v projections side by side, (d, 3d) and (3d,): one product instead of three."""
+    xp = be.xp
+    return (xp.concatenate([w("wq.w"), w("wk.w"), w("wv.w")], axis=1),
+            xp.concatenate([w("wq.b"), w("wk.b"), w("wv.b")]))
+
+
 def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
     """Final hidden states (after LNf) of every row; with keep, also what backward needs."""
     p = views(flat, cfg)
-    n, h, e = len(batch.tokens), cfg.n_heads, cfg.head_dim
+    n, h = len(batch.tokens), cfg.n_heads
     attend, _ = _attention(be, batch.layout)
-    cos, sin = be.rope_tables(batch.layout, e, cfg.rope_base)
+    rope = be.rope_tables(batch.layout, cfg.head_dim, cfg.rope_base)
     x = p["tok_emb"][batch.tokens]
     saved = []
     for i in range(cfg.n_layers):
         w = _layer(p, i).__getitem__
+        wqkv, bqkv = _qkv(be, w)
         a, c1 = be.layernorm(x, w("ln1.g"), w("ln1.b"), cfg.ln_eps)
-        q = be.rope((a @ w("wq.w") + w("wq.b")).reshape(n, h, e), cos, sin)
-        k = be.rope((a @ w("wk.w") + w("wk.b")).reshape(n, h, e), cos, sin)
-        v = (a @ w("wv.w") + w("wv.b")).reshape(n, h, e)
+        q, k, v = be.qkv_heads(be.matmul(a, wqkv), bqkv, rope, h)
         o, att = attend(q, k, v, batch.layout)
         o = o.reshape(n, cfg.d_model)
-        x = x + o @ w("wo.w") + w("wo.b")
+        be.matmul(o, w("wo.w"), out=x, acc=True)       # the residual stream is updated in
+        x += w("wo.b")                                  # place: x itself is never saved
         b_, c2 = be.layernorm(x, w("ln2.g"), w("ln2.b"), cfg.ln_eps)
-        f = b_ @ w("ff1.w") + w("ff1.b")
-        r = be.relu(f)
-        x = x + r @ w("ff2.w") + w("ff2.b")
+        r = be.bias_relu(be.matmul(b_, w("ff1.w")), w("ff1.b"))
+        be.matmul(r, w("ff2.w"), out=x, acc=True)
+        x += w("ff2.b")
         if keep:
-            saved.append((a, c1, q, k, v, att, o, b_, c2, f, r))
+            saved.append((a, c1, wqkv, q, k, v, att, o, b_, c2, r))
     y, cf = be.layernorm(x, p["lnf.g"], p["lnf.b"], cfg.ln_eps)
-    return y, (saved, cf, cos, sin)
+    return y, (saved, cf, rope)
 
 
-def logits_of(cfg: ModelConfig, flat: Any, y: Any) -> Any:
+def logits_of(cfg: ModelConfig, be, flat: Any, y: Any) -> Any:
     p = views(flat, cfg)
-    return y @ p["out.w"] + p["out.b"]
+    logits = be.matmul(y, p["out.w"])
+    logits += p["out.b"]
+    return logits
 
 
 def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | None,
                   truncated: bool = False) -> float:
-    """Summed weighted NLL of the batch's targets; adds its gradient into `grad` (flat)."""
+    """Summed weighted NLL of the batch's targets; adds its gradient into `grad` (flat).
+    Every parameter gradient is accumulated in place (`be.matmul(..., acc=True)`)."""
     t = batch.targets
     assert t is not None
-    y, (saved, cf, cos, sin) = forward(cfg, be, flat, batch, keep=grad is not None)
+    y, (saved, cf, rope) = forward(cfg, be, flat, batch, keep=grad is not None)
     ys = y[t.rows]
-    logits = logits_of(cfg, flat, ys)
+    logits = logits_of(cfg, be, flat, ys)
     loss, dlogits = be.xent_counts(logits, t.row, t.token, t.coef, t.row_coef)
     if grad is None:
         return loss
     p, g = views(flat, cfg), views(grad, cfg)
-    n, h, e = len(batch.tokens), cfg.n_heads, cfg.head_dim
+    n, h, e, d = len(batch.tokens), cfg.n_heads, cfg.head_dim, cfg.d_model
     _, attend_back = _attention(be, batch.layout)
-    g["out.w"] += ys.T @ dlogits
-    g["out.b"] += be.sum_rows(dlogits)
+    mm = be.matmul
+    mm(ys, dlogits, ta=True, out=g["out.w"], acc=True)
+    be.sum_rows(dlogits, out=g["out.b"])
     dy = be.xp.zeros_like(y)
-    dy[t.rows] = dlogits @ p["out.w"].T            # rows are unique
-    dx, dg, db = be.layernorm_backward(dy, cf, p["lnf.g"])
-    g["lnf.g"] += dg
-    g["lnf.b"] += db
+    dy[t.rows] = mm(dlogits, p["out.w"], tb=True)          # rows are unique
+    dx = be.layernorm_backward(dy, cf, p["lnf.g"], g["lnf.g"], g["lnf.b"])
     for i in reversed(range(cfg.n_layers)):
         w, gw = _layer(p, i).__getitem__, _layer(g, i).__getitem__
-        a, c1, q, k, v, att, o, b_, c2, f, r = saved[i]
-        # FFN
-        gw("ff2.w")[...] += r.T @ dx
-        gw("ff2.b")[...] += be.sum_rows(dx)
-        df = be.relu_backward(dx @ w("ff2.w").T, f)
-        gw("ff1.w")[...] += b_.T @ df
-        gw("ff1.b")[...] += be.sum_rows(df)
-        dxl, dg, db = be.layernorm_backward(df @ w("ff1.w").T, c2, w("ln2.g"))
-        gw("ln2.g")[...] += dg
-        gw("ln2.b")[...] += db
-        dx = dx + dxl
+        a, c1, wqkv, q, k, v, att, o, b_, c2, r = saved[i]
+        # FFN (dx is the residual stream's gradient; the LayerNorm backward adds into it)
+        mm(r, dx, ta=True, out=gw("ff2.w"), acc=True)
+        be.sum_rows(dx, out=gw("ff2.b"))
+        df = be.relu_backward(mm(dx, w("ff2.w"), tb=True), r)
+        mm(b_, df, ta=True, out=gw("ff1.w"), acc=True)
+        be.sum_rows(df, out=gw("ff1.b"))
+        be.layernorm_backward(mm(df, w("ff1.w"), tb=True), c2, w("ln2.g"), gw("ln2.g"),
+                              gw("ln2.b"), dx=dx)
         # attention
-        gw("wo.w")[...] += o.T @ dx
-        gw("wo.b")[...] += be.sum_rows(dx)
-        do = (dx @ w("wo.w").T).reshape(n, h, e)
-        dq, dk, dv = attend_back(do, q, k, v, att, batch.layout, truncated)
-        dq = be.rope(dq, cos, sin, inverse=True).reshape(n, -1)
-        dk = be.rope(dk, cos, sin, inverse=True).reshape(n, -1)
-        dv = dv.reshape(n, -1)
-        da = dq @ w("wq.w").T + dk @ w("wk.w").T + dv @ w("wv.w").T
-        for m, dm in (("wq", dq), ("wk", dk), ("wv", dv)):
-            gw(m + ".w")[...] += a.T @ dm
-            gw(m + ".b")[...] += be.sum_rows(dm)
-        dxl, dg, db = be.layernorm_backward(da, c1, w("ln1.g"))
-        gw("ln1.g")[...] += dg
-        gw("ln1.b")[...] += db
-        dx = dx + dxl
+        mm(o, dx, ta=True, out=gw("wo.w"), acc=True)
+        be.sum_rows(dx, out=gw("wo.b"))
+        do = mm(dx, w("wo.w"), tb=True).reshape(n, h, e)
+        dqkv = be.qkv_heads_backward(*attend_back(do, q, k, v, att, batch.layout, truncated),
+                                     rope)
+        for j, m in enumerate(("wq", "wk", "wv")):
+            part = dqkv[:, j * d:(j + 1) * d]
+            mm(a, part, ta=True, out=gw(m + ".w"), acc=True)
+            be.sum_rows(part, out=gw(m + ".b"))
+        be.layernorm_backward(mm(dqkv, wqkv, tb=True), c1, w("ln1.g"), gw("ln1.g"),
+                              gw("ln1.b"), dx=dx)
     be.scatter_add(g["tok_emb"], batch.tokens, dx)   # repeated tokens sum
     return loss
