@@ -78,12 +78,13 @@ def floor(cfg, rows: int, ctx: float, device: str, tf32: bool) -> dict:
             "compute_floor_s": t_flop, "memory_floor_s": t_bytes, "floor_s": max(t_flop, t_bytes)}
 
 
-def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loaders: int) -> dict:
+def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loaders: int,
+          graphs: bool = True) -> dict:
     _, trie = stores(work, depth)
-    tag = f"speed-d{depth}-{gradient}{'-tf32' if tf32 else ''}"
+    tag = f"speed-d{depth}-{gradient}{'-tf32' if tf32 else ''}{'' if graphs else '-nographs'}"
     out, metrics = work / f"{tag}.ckpt", work / f"{tag}.jsonl"
     args = TrieArgs(epochs=epochs, step="partition", gradient=gradient, mass_weight="linear",
-                    entropy_lambda=1.0, loaders=loaders)
+                    entropy_lambda=1.0, loaders=loaders, cuda_graphs=graphs)
     res = train_trie(trie, str(out), args, OptimConfig("rmsprop", lr=3e-3, beta2=0.999),
                      device="cuda", metrics=str(metrics), progress=False, force=True, tf32=tf32)
     eps = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -93,7 +94,8 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     cfg = preset("micro", open_trie(trie).vocab_size, depth)
     rows, ctx = mean_context(trie)
-    return {"case": f"speed D={depth}", "gradient": gradient, "tf32": tf32, "device": name,
+    return {"case": f"speed D={depth}", "gradient": gradient, "tf32": tf32,
+            "cuda_graphs": [r.get("cuda_graphs", 0) for r in eps], "device": name,
             "backend": res["device"], "rows_per_epoch": eps[0]["rows"],
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
             "first_epoch_s": eps[0]["seconds"],
@@ -157,6 +159,8 @@ def main() -> None:
     ap.add_argument("--gradients", default="exact")
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--loaders", type=int, default=2)
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="launch every unit's kernels from Python (no graph replay)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = workdir(a.workdir, "agpt-gpu-bench-")
@@ -166,7 +170,7 @@ def main() -> None:
         for case in a.cases.split(","):
             t0 = time.perf_counter()
             if case == "speed":
-                res = [speed(work, depth, a.epochs, g, a.tf32, a.loaders)
+                res = [speed(work, depth, a.epochs, g, a.tf32, a.loaders, not a.no_cuda_graphs)
                        for g in a.gradients.split(",")]
             elif case == "window":
                 res = [window(work, depth, a.tf32)]

@@ -3,9 +3,10 @@
 It inherits the NumPy reference (agpt/backend/reference.py, written against `self.xp`) and
 replaces the hot operations with the kernels of agpt/gpu/kernels.py, each tested against the
 reference method it replaces (tests/test_gpu_backend.py): scoped tree attention and its
-aggregated backward (parent pointers, no ancestor gathers), LayerNorm, RoPE and the
-embedding gradient. (The segmented-sum aggregation of the reference is not used: the attention
-backward kernel aggregates.) Matmuls go to cuBLAS through `cupy.matmul` (TF32 on request).
+aggregated backward (parent pointers, no ancestor gathers), LayerNorm, the q/k/v bias and
+RoPE, bias + ReLU and the embedding gradient. (The segmented-sum aggregation of the reference is not used: the attention
+backward kernel aggregates.) Matmuls go to cuBLAS (agpt/gpu/blas.py), adding into gradients and the residual stream in
+place (TF32 on request).
 Uploads made inside `staged()` go through pinned host memory on a side stream, so a loader
 thread fills the next unit while the GPU computes the current one.
 """
@@ -55,14 +56,16 @@ class CupyBackend(NumpyBackend):
 
     def __init__(self, dtype: Any = "float32", tf32: bool = False):
         super().__init__(dtype)
-        from agpt.gpu import kernels
+        from agpt.gpu import blas, kernels
         self.k = kernels
+        self.blas = blas
         self.xp = cp
         self.tf32 = tf32
         set_tf32(tf32)
         self._local = threading.local()
         self._rope: dict[tuple[int, int, float], tuple[Any, Any]] = {}
         self._ones = cp.ones(0, dtype=self.dtype)
+        self._capture: tuple[Any, Any] | None = None
 
     # -- transfers ------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None):
@@ -104,39 +107,84 @@ class CupyBackend(NumpyBackend):
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
 
+    def capture(self, fn: Any) -> tuple[Any, Any]:
+        """(graph, out): fn()'s launches captured as one CUDA graph (nothing runs yet;
+        `graph.launch()` replays them on the current stream, ~0.1 ms instead of ~300 launches
+        from Python). Its temporaries come from a private pool that only captures use: graphs
+        replay one at a time on one stream, so they share it, and the pool never hands their
+        addresses to anything else. The pool has no cap: a cap makes CuPy free cached blocks
+        in the middle of a capture, which invalidates it; the caller sizes what it captures
+        (trie_trainer: GpuPlan.graphs). What fn() returns must be kept alive with the graph
+        (every replay writes it)."""
+        if self._capture is None:
+            pool = cp.cuda.MemoryPool()
+            self._capture = (pool, cp.cuda.Stream(non_blocking=True))
+        pool, stream = self._capture
+        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+        with cp.cuda.using_allocator(pool.malloc), stream:
+            stream.begin_capture(*(() if mode is None else (mode,)))
+            try:
+                out = fn()
+            except BaseException:
+                try:                 # end the capture, then report fn's error, not this one
+                    stream.end_capture()
+                except Exception:  # noqa: BLE001, S110 - the partial graph is discarded
+                    pass
+                pool.free_all_blocks()
+                raise
+            graph = stream.end_capture()
+        return graph, out
+
+    def graph_pool_bytes(self) -> int:
+        return 0 if self._capture is None else int(self._capture[0].total_bytes())
+
+    def record(self) -> Any:
+        """An event marking the work queued so far on the current stream."""
+        ev = cp.cuda.Event(disable_timing=True)
+        ev.record()
+        return ev
+
     def bytes_per_row(self, cfg: Any, depth: int) -> int:
-        """Saved activations per layer (no ancestor gathers), the float64 K/V gradient
-        accumulators and other backward temporaries, logits."""
+        """Saved activations per layer (no ancestor gathers; relu(f + b) kept, not f), the
+        float64 K/V gradient accumulators and other backward temporaries, logits."""
         d, f, h = cfg.d_model, cfg.d_ff, cfg.n_heads
-        per_layer = 9 * d + 2 * f + h + 2
+        per_layer = 9 * d + f + h + 2
         transient = 14 * d + 2 * f
         return self.dtype.itemsize * (cfg.n_layers * per_layer + transient + 3 * cfg.vocab_size) + 96
 
     def peak_memory(self) -> int:
-        """Bytes the memory pool holds (its high-water mark: freed blocks stay cached)."""
-        return int(cp.get_default_memory_pool().total_bytes())
+        """Bytes the memory pools hold (their high-water marks: freed blocks stay cached)."""
+        return int(cp.get_default_memory_pool().total_bytes()) + self.graph_pool_bytes()
 
     # -- kernels ----------------------------------------------------------------------------
-    def sum_rows(self, x):
-        """ones @ x on cuBLAS: CuPy's axis-0 reduction of a tall (N, d) array is ~60x slower."""
+    def matmul(self, a, b, *, ta=False, tb=False, out=None, acc=False):
+        return self.blas.gemm(a, b, ta, tb, out, acc, self.tf32)
+
+    def sum_rows(self, x, out=None):
+        """ones @ x on cuBLAS (added into out when given): CuPy's axis-0 reduction of a tall
+        (N, d) array is ~60x slower."""
         n = x.shape[0]
         if len(self._ones) < n or self._ones.dtype != x.dtype:
             self._ones = cp.ones(max(n, 2 * len(self._ones)), dtype=x.dtype)
-        return self._ones[:n] @ x
+        ones = self._ones[None, :n]
+        if out is None:
+            return self.blas.gemm(ones, x, tf32=self.tf32)[0]
+        self.blas.gemm(ones, x, out=out[None, :], acc=True, tf32=self.tf32)
+        return out
 
-    def relu(self, f):
-        return self.k.relu(f)
+    def bias_relu(self, f, b):
+        return self.k.bias_relu(f, b.astype(f.dtype, copy=False), f)
 
-    def relu_backward(self, dr, f):
-        return self.k.relu_backward(dr, f)
+    def relu_backward(self, dr, r):
+        return self.k.relu_backward(dr, r)
 
     def layernorm(self, x, g, b, eps):
         return self.k.layernorm(cp.ascontiguousarray(x), g.astype(x.dtype, copy=False),
                                 b.astype(x.dtype, copy=False), eps)
 
-    def layernorm_backward(self, dy, cache, g):
+    def layernorm_backward(self, dy, cache, g, dg, db, dx=None):
         return self.k.layernorm_backward(cp.ascontiguousarray(dy), cache,
-                                         g.astype(dy.dtype, copy=False))
+                                         g.astype(dy.dtype, copy=False), dg, db, dx)
 
     def rope_tables(self, layout: Any, head_dim: int, base: float):
         """(pos, (cos, sin) tables of every position up to the layout's longest)."""
@@ -151,6 +199,16 @@ class CupyBackend(NumpyBackend):
         pos, (ct, st) = cos, sin
         return self.k.rope(cp.ascontiguousarray(x), pos, ct.astype(x.dtype, copy=False),
                            st.astype(x.dtype, copy=False), inverse)
+
+    def qkv_heads(self, qkv, bias, rope, n_heads):
+        pos, (ct, st) = rope
+        return self.k.qkv_heads(cp.ascontiguousarray(qkv), bias.astype(qkv.dtype, copy=False),
+                                pos, ct, st, n_heads)
+
+    def qkv_heads_backward(self, dq, dk, dv, rope):
+        pos, (ct, st) = rope
+        dk, dv = cp.ascontiguousarray(dk), cp.ascontiguousarray(dv.astype(dk.dtype, copy=False))
+        return self.k.qkv_heads_backward(cp.ascontiguousarray(dq), dk, dv, pos, ct, st)
 
     def tree_attention(self, q, k, v, tree: ParentTree):
         q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))

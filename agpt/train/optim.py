@@ -72,11 +72,13 @@ class Optimizer:
         self.slots = {k: (xp.asarray(slots[k]) if slots and k in slots else xp.zeros_like(params))
                       for k in SLOTS[cfg.name]}
 
-    def clip(self, grad: Any) -> float:
-        """Scale grad in place to the clip norm; returns the norm before clipping."""
-        norm = float(self.xp.sqrt((grad * grad).sum()))
-        if self.cfg.clip > 0 and norm > self.cfg.clip:
-            grad *= self.cfg.clip / (norm + 1e-12)
+    def clip(self, grad: Any) -> Any:
+        """Scale grad in place to the clip norm; returns the norm before clipping, as a 0-d
+        array (on the GPU it stays on the device: no sync)."""
+        xp = self.xp
+        norm = xp.sqrt((grad * grad).sum())
+        if self.cfg.clip > 0:
+            grad *= xp.minimum(1.0, self.cfg.clip / (norm + 1e-12)).astype(grad.dtype)
         return norm
 
     def step(self, params: Any, grad: Any, lr: float) -> None:

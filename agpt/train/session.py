@@ -9,7 +9,6 @@ on the CPU: every unit's computation depends only on the saved state).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -74,35 +73,68 @@ class Session:
         if p:
             self.pos = Position(**p)
         self._metrics = open(self.metrics_path, "a") if self.metrics_path else None  # noqa: SIM115
-        self._t0 = time.perf_counter()
+        self._t0 = self._t_settled = time.perf_counter()
         self._last_print = 0.0
+        self._pending: tuple | None = None
+        #: settle each update's check one update late (GPU: no host-device sync per unit)
+        self.defer_checks = bool(getattr(self.be, "stage_in_background", False))
         self.proc = psutil.Process()
 
     # -- updates -------------------------------------------------------------------------
     def lr(self) -> float:
         return lr_at(self.optim, self.pos.update, self.total_updates, self.base_lr)
 
-    def check_finite(self, loss_sum: float, where: str) -> None:
-        if not math.isfinite(float(loss_sum)) or not bool(self.be.xp.isfinite(self.grad).all()):
+    def check_finite(self, loss_sum: Any, where: str, ok: Any = None) -> None:
+        if ok is None:
+            ok = self.be.xp.isfinite(loss_sum) & self.be.xp.isfinite(self.grad).all()
+        if not bool(ok):
             raise TrainingDiverged(
                 f"loss or gradient became NaN/Inf at {where} (update {self.pos.update + 1}); "
-                f"stopped without applying it. Last good checkpoint: {self.last_good or 'none'}"
-                " (lower --lr or enable --clip, then --resume from it)")
+                f"stopped: nothing after it is saved. Last good checkpoint: "
+                f"{self.last_good or 'none'} (lower --lr or enable --clip, then --resume from it)")
 
-    def update(self, z: float, loss_sum: float, where: str) -> dict[str, float]:
-        """Normalise the accumulated gradient by z, clip, step; zero the gradient."""
-        loss_sum = float(loss_sum)       # a device scalar on the GPU: one sync per update
-        self.check_finite(loss_sum, where)
+    def update(self, z: float, loss_sum: Any, where: str, **log: Any) -> None:
+        """Normalise the accumulated gradient by z, clip, step; zero the gradient.
+
+        The loss and the norm stay on the device: the finiteness check of this update and its
+        "step" record are settled at the next update (or before anything is saved), so on the
+        GPU the host queues the next unit while this one still runs. A NaN/Inf is still caught
+        before any checkpoint holds it."""
+        xp = self.be.xp
+        loss_sum = xp.asarray(loss_sum)
+        ok = xp.isfinite(loss_sum) & xp.isfinite(self.grad).all()
         lr = self.lr()
         self.grad /= z
         norm = self.opt.clip(self.grad)
         self.opt.step(self.params, self.grad, lr)
         self.grad[...] = 0
+        pending = (ok, loss_sum, norm, z, lr, where, self.pos.update, self.pos.epoch, log)
+        self.settle()
         self.pos.update += 1
-        return {"lr": lr, "grad_norm": norm, "loss": loss_sum / z}
+        self._pending = pending
+        if not self.defer_checks:
+            self.settle()
+
+    def settle(self) -> None:
+        """Check and log the last update (waits for the device to have computed it)."""
+        if self._pending is None:
+            return
+        ok, loss_sum, norm, z, lr, where, update, epoch, log = self._pending
+        self._pending = None
+        if not bool(ok):
+            self.pos.update = update
+            self.check_finite(loss_sum, where, ok)
+        now = time.perf_counter()
+        for key in ("rows", "positions"):      # throughput over the wall time since the last
+            if key in log:                     # settled update
+                log[f"{key}_per_s"] = round(log[key] / max(now - self._t_settled, 1e-9), 1)
+        self._t_settled = now
+        self.log("step", step=update + 1, epoch=epoch, lr=lr, grad_norm=float(norm),
+                 loss=float(loss_sum) / z, **log)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, extra: dict[str, Any] | None = None) -> None:
+        self.settle()
         self.be.synchronize()
         state = dict(self.ck.state)
         state.update(extra or {})

@@ -4,7 +4,10 @@ An epoch visits the units (every partition with its spine prefix as context, the
 itself when it has nodes below the root), reading the next ones on loader threads while the
 current one is computed. On the GPU the loaders also cut and upload each unit (pinned memory,
 side stream), and units stay cached on the device while they fit the budget, so later epochs
-read nothing. A unit larger than the memory budget is cut into chunks
+read nothing; from then on a small cached unit's forward and backward (~300 kernel launches
+from Python) are replayed as one CUDA graph. The host never waits for the device between
+units (losses stay on the device, each update is checked one update later: Session.settle).
+A unit larger than the memory budget is cut into chunks
 (units.chunks) whose gradients sum to the unit's, so the budget never changes the math.
 One update per unit (`step="partition"`, the seed's recipe) or per epoch (`step="epoch"`).
 """
@@ -41,6 +44,7 @@ class TrieArgs:
     memory_budget: int = 2 << 30     # CPU: bytes of activations per chunk
     gpu_memory_budget: int = 0       # GPU: bytes the run may hold on the device (0: 90% of free)
     loaders: int = 2                 # threads reading (and staging) the next units
+    cuda_graphs: bool = True         # GPU: replay small cached units as CUDA graphs
     shuffle: bool = False            # visit partitions in a seeded random order each epoch
     seed: int = 0
 
@@ -154,14 +158,23 @@ def prefetch(make: Callable[[int], Staged], order: list[int], workers: int = 2,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: units up to this many rows are replayed as CUDA graphs (larger ones keep the GPU busy for
+#: longer than Python takes to launch them: ~3 ms of launches against >= 15 ms of work)
+GRAPH_MAX_ROWS = 1 << 18
+#: below this many rows per graph, the graphs' share of the budget is too small to bother
+GRAPH_MIN_ROWS = 1 << 10
+
+
 @dataclass
 class GpuPlan:
-    """How a GPU run splits its memory budget: activations of one chunk, staged units in
-    flight, and a device cache of staged units reused from the second epoch on."""
+    """How a GPU run splits its memory budget: activations of one chunk (1/2), staged units
+    in flight (1/4), a device cache of staged units reused from the second epoch on (1/8),
+    and the temporaries of the CUDA graphs that replay small cached units (1/8)."""
 
     budget: int
     activations: int
     cache: int
+    graphs: int
 
 
 def gpu_plan(be, budget: int) -> GpuPlan | None:
@@ -177,7 +190,7 @@ def gpu_plan(be, budget: int) -> GpuPlan | None:
         budget = int(0.9 * free)
     # the pool counts whole cached chunks, and a chunk stays while any piece of it is in use
     pool.set_limit(size=pool.total_bytes() + budget)
-    return GpuPlan(budget, budget // 2, budget // 4)
+    return GpuPlan(budget, budget // 2, budget // 8, budget // 8)
 
 
 def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
@@ -216,6 +229,32 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     def make(i: int) -> Staged:
         return cache.get(i) or stage(be, store, i, max_rows, w)
 
+    graphs: dict[int, tuple[Any, Any]] = {}   # unit -> (CUDA graph, its loss buffer)
+    graph_rows = 0
+    if plan is not None and args.cuda_graphs:
+        graph_rows = min(GRAPH_MAX_ROWS, max_rows,
+                         plan.graphs // be.bytes_per_row(cfg, store.max_depth))
+        if graph_rows < GRAPH_MIN_ROWS:
+            graph_rows = 0                # a budget this small keeps every launch eager
+
+    def compute(i: int, unit: Staged) -> tuple[Any, float]:
+        """The unit's summed loss (a device scalar on the GPU) and weight; gradient added."""
+        if (i in cache and unit.batches is not None and len(unit.batches) == 1
+                and unit.n_rows <= graph_rows):
+            batch, zc = unit.batches[0]
+            if i not in graphs:
+                graphs[i] = be.capture(lambda: loss_and_grad(cfg, be, s.params, batch, s.grad,
+                                                             truncated))
+            g, loss = graphs[i]
+            g.launch()
+            return loss.copy(), zc       # the buffer is rewritten by the next replay
+        loss_sum: Any = 0.0
+        z = 0.0
+        for batch, zc in unit.each(be, max_rows, store.vocab_size, w):
+            loss_sum = loss_sum + loss_and_grad(cfg, be, s.params, batch, s.grad, truncated)
+            z += zc
+        return loss_sum, z
+
     last = min(args.epochs, until_epoch or args.epochs)
     while s.pos.epoch < last:
         e = s.pos.epoch
@@ -223,22 +262,20 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
         if args.step == "epoch":
             s.pos.unit = 0            # a partial epoch's accumulation is never saved
             s.grad[...] = 0
-        ep_loss = ep_z = 0.0
+        ep_loss: Any = 0.0
+        ep_z = 0.0
         ep_rows = 0
         t_ep = time.perf_counter()
         io_wait = 0.0
-        z_acc = loss_acc = 0.0
+        z_acc = 0.0
+        loss_acc: Any = 0.0
         t_wait = time.perf_counter()
         units = prefetch(make, order[s.pos.unit:], workers=args.loaders)
+        in_flight: collections.deque = collections.deque()   # (done event, unit) on the GPU
         for k, (i, unit) in enumerate(units, s.pos.unit):
             io_wait += time.perf_counter() - t_wait
-            t_u = time.perf_counter()
-            loss_sum = z = 0.0
-            for batch, zc in unit.each(be, max_rows, store.vocab_size, w):
-                loss_sum += loss_and_grad(cfg, be, s.params, batch, s.grad, truncated)
-                z += zc
-            loss_sum = float(loss_sum)
-            ep_loss += loss_sum
+            loss_sum, z = compute(i, unit)
+            ep_loss = ep_loss + loss_sum          # device scalars: no sync per unit
             ep_z += z
             ep_rows += unit.n_rows
             where = f"epoch {e + 1} unit {k + 1}/{n_units} ({unit.name})"
@@ -246,32 +283,37 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                 if z == 0:
                     s.grad[...] = 0
                 else:
-                    be.synchronize()
-                    dt = time.perf_counter() - t_u
-                    info = s.update(z, loss_sum, where)
-                    s.log("step", unit=i, rows=unit.n_rows, rows_per_s=round(unit.n_rows / dt, 1),
-                          **info)
+                    s.update(z, loss_sum, where, unit=i, rows=unit.n_rows)
             else:
                 z_acc += z
-                loss_acc += loss_sum
-                s.check_finite(loss_sum, where)
-            be.synchronize()          # the unit's arrays may be freed (or cached) from here on
-            if plan is not None and i not in cache and cached_bytes + unit.nbytes <= plan.cache:
-                cache[i] = unit
-                cached_bytes += unit.nbytes
+                loss_acc = loss_acc + loss_sum
+            if plan is not None:
+                # the unit's arrays came from a loader's stream: keep them alive until this
+                # stream is done with them, so the pool cannot hand them to the next upload
+                in_flight.append((be.record(), unit))
+                while len(in_flight) > 2 or (in_flight and in_flight[0][0].done):
+                    in_flight.popleft()[0].synchronize()
+                if i not in cache and cached_bytes + unit.nbytes <= plan.cache:
+                    cache[i] = unit
+                    cached_bytes += unit.nbytes
             if args.step == "partition":
                 s.pos.unit = k + 1    # resumable here; an epoch-step run restarts its epoch
             rate = ep_rows / max(1e-9, time.perf_counter() - t_ep)
             s.show(f"epoch {e + 1}/{args.epochs} unit {k + 1}/{n_units} "
-                   f"loss {ep_loss / max(ep_z, 1e-12):.4f} lr {s.lr():.3g} rows/s {rate:,.0f}")
+                   f"rows/s {rate:,.0f} lr {s.lr():.3g}")
             t_wait = time.perf_counter()
         if args.step == "epoch" and z_acc > 0:
-            info = s.update(z_acc, loss_acc, f"epoch {e + 1}")
-            s.log("step", rows=ep_rows, **info)
+            s.update(z_acc, loss_acc, f"epoch {e + 1}", rows=ep_rows)
+        elif args.step == "epoch":
+            s.check_finite(loss_acc, f"epoch {e + 1}")
+        s.settle()
+        be.synchronize()
+        ep_loss = float(ep_loss)
         secs = time.perf_counter() - t_ep
         s.pos.epoch, s.pos.unit = e + 1, 0
         gpu = {} if plan is None else {"gpu_peak_mb": round(be.peak_memory() / 2**20, 1),
-                                       "gpu_cached_units": len(cache), "chunk_rows": max_rows}
+                                       "gpu_cached_units": len(cache), "chunk_rows": max_rows,
+                                       "cuda_graphs": len(graphs)}
         s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
               rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
               lr=s.lr(), **gpu)

@@ -77,23 +77,21 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
                 # keyed by (seed, update): a resumed run draws exactly the same batches
                 rng = np.random.default_rng([args.seed, s.pos.update])
                 sel = rng.integers(0, len(starts), args.batch_size)
-            t_b = time.perf_counter()
             batch, z = window_batch(be, toks, starts[sel], lengths[sel], args.seq_len)
             loss_sum = float(loss_and_grad(cfg, be, s.params, batch, s.grad))
-            info = s.update(z, loss_sum, f"epoch {e + 1} batch {k + 1}/{per_epoch}")
-            be.synchronize()
-            dt = time.perf_counter() - t_b
+            lr = s.lr()
+            s.update(z, loss_sum, f"epoch {e + 1} batch {k + 1}/{per_epoch}", positions=int(z))
             s.pos.unit = k + 1
             n_ep += int(z)
             l_ep += loss_sum
-            s.log("step", positions=int(z), positions_per_s=round(z / dt, 1), **info)
-            s.show(f"epoch {e + 1}/{epochs} batch {k + 1}/{per_epoch} loss {info['loss']:.4f} "
-                   f"lr {info['lr']:.3g} positions/s {n_ep / (time.perf_counter() - t_ep):,.0f}")
+            s.show(f"epoch {e + 1}/{epochs} batch {k + 1}/{per_epoch} loss {loss_sum / z:.4f} "
+                   f"lr {lr:.3g} positions/s {n_ep / (time.perf_counter() - t_ep):,.0f}")
             if args.checkpoint_every and s.pos.update % args.checkpoint_every == 0:
                 s.save()
             if seconds is not None and time.perf_counter() - t0 >= seconds:
                 stop = True
                 break
+        s.settle()
         secs = time.perf_counter() - t_ep
         if not stop:
             s.pos.epoch, s.pos.unit = e + 1, 0
