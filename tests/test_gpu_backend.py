@@ -149,7 +149,9 @@ def test_gpu_training_run_equals_cpu_and_reports_memory(tmp_path: Path, gpu) -> 
 
 def test_gpu_cuda_graphs_replay_the_same_updates(tmp_path: Path, gpu) -> None:
     """Per-partition updates over 3 epochs: replaying the cached units as CUDA graphs (epochs
-    2-3) gives the parameters and step losses of the eager run, with every update checked."""
+    2-3) gives the parameters and step losses of the eager run, with every update checked.
+    (sgd: adam's normalisation turns the last-bit noise of float64 atomics on near-zero
+    gradient entries into lr-sized steps, in eager runs as much as in replays.)"""
     import json
 
     from agpt.store.checkpoint import load_checkpoint
@@ -162,7 +164,7 @@ def test_gpu_cuda_graphs_replay_the_same_updates(tmp_path: Path, gpu) -> None:
     for graphs in (False, True):
         out = tmp_path / f"g{int(graphs)}"
         args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs)
-        train_trie(url, str(out), args, OptimConfig("adamw", lr=1e-3), device="cuda",
+        train_trie(url, str(out), args, OptimConfig("sgd", lr=0.05), device="cuda",
                    progress=False, model="micro")
         recs = [json.loads(x) for x in open(f"{out}.metrics.jsonl")]
         steps = [r for r in recs if r["event"] == "step"]

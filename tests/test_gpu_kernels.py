@@ -210,3 +210,24 @@ def test_qkv_heads_kernels(gpu, dtype) -> None:
     poison()
     close(be.qkv_heads_backward(cp.asarray(dq), cp.asarray(dk, np.float64),
                                 cp.asarray(dv, np.float64), rope), ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("v", [1, 65, 300])
+def test_xent_counts_kernel(gpu, dtype, v) -> None:
+    """Loss and logit gradient of count targets: rows with several targets, rows with none."""
+    rng = np.random.default_rng(v)
+    m = 5003
+    logits = (rng.standard_normal((m, v)) * 4).astype(dtype)
+    pairs = np.unique(np.stack([rng.integers(0, m, 3 * m), rng.integers(0, v, 3 * m)], 1), axis=0)
+    row, token = pairs[:, 0], pairs[:, 1]
+    coef = rng.uniform(0.1, 3, len(row)).astype(dtype)
+    row_coef = np.bincount(row, coef, m).astype(dtype)
+    loss_ref, d_ref = REF.xent_counts(logits.astype(np.float64), row, token,
+                                      coef.astype(np.float64), row_coef.astype(np.float64))
+    be = type(gpu)(np.dtype(dtype).name)
+    poison()
+    loss, d = be.xent_counts(*(cp.asarray(a) for a in (logits, row, token, coef, row_coef)))
+    close(d, d_ref, dtype)
+    scale = float(np.abs(row_coef).sum() * np.abs(logits).max()) + 1.0   # the loss is a
+    assert abs(float(loss) - float(loss_ref)) <= TOL[dtype] * scale      # difference of sums

@@ -220,6 +220,12 @@ class CupyBackend(NumpyBackend):
         return self.k.tree_attention_backward(cp.ascontiguousarray(do), q, k, v, o, lse,
                                               tree.parent, tree.depth, truncated)
 
+    def xent_counts(self, logits, row, token, coef, row_coef):
+        i64 = cp.int64
+        return self.k.xent_counts(cp.ascontiguousarray(logits), row.astype(i64, copy=False),
+                                  token.astype(i64, copy=False), coef.astype(logits.dtype, copy=False),
+                                  row_coef.astype(logits.dtype, copy=False))
+
     def scatter_add(self, dst, idx, src) -> None:
         if dst.ndim == 2 and src.ndim == 2 and self.k.embedding_backward(dst, idx, src):
             return
