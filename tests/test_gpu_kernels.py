@@ -17,6 +17,8 @@ from agpt.model.layout import WindowLayout, tree_layout
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
+from agpt.gpu.kernels import tree_tiles  # noqa: E402 - needs CuPy
+
 REF = NumpyBackend("float64")
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 
@@ -47,14 +49,45 @@ def close(got, ref, dtype) -> None:
     assert float(np.abs(got - ref).max()) <= TOL[dtype] * scale
 
 
+def shaped_forest(kind: str, n: int, dm: int):
+    """(parent, depth) of regular forests that stress the tiled kernels: `chains` (a new
+    root every dm rows, each the top of a chain dm deep), `broom` (one root shared by every
+    row, under it chains of depth 2..dm), `star` (one root, every other row its child),
+    `flat` (n roots)."""
+    i = np.arange(n)
+    if kind == "chains":
+        depth = i % dm + 1
+    elif kind == "broom":
+        depth = np.where(i == 0, 1, (i - 1) % (dm - 1) + 2)
+    elif kind == "star":
+        depth = np.where(i == 0, 1, 2)
+    else:
+        depth = np.ones(n, np.int64)
+    parent = np.where(depth == 1, -1, np.where((kind == "broom") & (depth == 2) | (kind == "star"),
+                                                0, i - 1))
+    return parent, depth
+
+
+# (kind, rows, max depth, tile rows: None = the layout's default); tiles of 32/64 put many
+# tile boundaries inside chains and subtrees; N below, at and off multiples of the tile.
+SHAPES = [("random", 1, 1, None), ("random", 37, 4, None), ("random", 3000, 8, None),
+          ("wide", 5000, 16, None), ("wide", 2000, 32, None), ("random", 3000, 8, 32),
+          ("wide", 2000, 32, 64), ("chains", 1000, 32, None), ("chains", 256, 32, None),
+          ("chains", 1000, 32, 32), ("chains", 1000, 32, 64), ("broom", 5003, 32, None),
+          ("broom", 5003, 32, 64), ("broom", 100, 32, None),
+          ("star", 777, 2, None), ("flat", 300, 1, None), ("flat", 300, 1, 32)]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1, False), (37, 4, False), (3000, 8, False),
-                                   (5000, 16, True), (2000, 32, True)])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("truncated", [False, True])
 def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
-    n, dm, wide = shape
+    kind, n, dm, tile = shape
     rng = np.random.default_rng(n + dm)
-    parent, depth = random_forest(rng, n, dm, wide)
+    if kind in ("random", "wide"):
+        parent, depth = random_forest(rng, n, dm, kind == "wide")
+    else:
+        parent, depth = shaped_forest(kind, n, dm)
     h, e = 4, 16
     q, k, v, do = (rng.standard_normal((n, h, e)).astype(dtype) for _ in range(4))
     tree = tree_layout(parent, depth)
@@ -63,6 +96,8 @@ def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
                                            tree, truncated)
     be = type(gpu)(np.dtype(dtype).name)
     t = be.tree_layout(parent, depth)
+    if tile:
+        t.tiles = tree_tiles(t.parent, t.depth, t.max_depth, tile)
     dq_, dk_, dv_ = (cp.asarray(a) for a in (q, k, v))
     poison()
     o, att = be.tree_attention(dq_, dk_, dv_, t)

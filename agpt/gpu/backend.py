@@ -102,6 +102,7 @@ class CupyBackend(NumpyBackend):
                        int(depth.max()) if len(depth) else 1)
         if int(self.k.check_preorder(t.parent, t.depth)[0]):
             raise ValueError("rows are not a forest in depth-first preorder")
+        t.tiles = self.k.tree_tiles(t.parent, t.depth, t.max_depth)
         return t
 
     def synchronize(self) -> None:
@@ -212,13 +213,13 @@ class CupyBackend(NumpyBackend):
 
     def tree_attention(self, q, k, v, tree: ParentTree):
         q, k, v = (cp.ascontiguousarray(a) for a in (q, k, v))
-        o, lse = self.k.tree_attention(q, k, v, tree.parent, tree.depth)
+        o, lse = self.k.tree_attention(q, k, v, tree.parent, tree.depth, tree.tiles)
         return o, (o, lse)
 
     def tree_attention_backward(self, do, q, k, v, att, tree: ParentTree, truncated=False):
         o, lse = att
         return self.k.tree_attention_backward(cp.ascontiguousarray(do), q, k, v, o, lse,
-                                              tree.parent, tree.depth, truncated)
+                                              tree.parent, tree.depth, tree.tiles, truncated)
 
     def xent_counts(self, logits, row, token, coef, row_coef):
         i64 = cp.int64

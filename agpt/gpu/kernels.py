@@ -13,35 +13,47 @@
 | `xent_counts`             | `NumpyBackend.xent_counts`                   |
 | `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
 
-Scoped attention never gathers ancestors: the thread of (row i, head h) walks i's parent
-pointers, so the rows of a trie chunk need only `parent` and `depth` on the device. A warp is
-32 consecutive rows of one head. In depth-first preorder the depth-(j+1) ancestors of
-consecutive rows form contiguous runs (a subtree is a contiguous range), so in the backward
-each warp first sums the K/V gradient contributions of equal ancestors with a segmented
-shuffle reduction, and only the first lane of each run adds to global memory: a shallow
-ancestor shared by a million rows receives one atomic per warp, not one per row. The
-accumulators are float64, so the order of those atomics changes nothing at fp32 precision.
+Scoped attention never gathers ancestors. It works on tiles of consecutive rows in depth-first
+preorder, one block per (tile, head): the union of the contexts of rows [a, a + T) is those
+rows plus a's ancestors (an ancestor before a of a tile row is an ancestor of a, subtrees being
+contiguous), so a block loads the K/V of at most T + D - 1 "slots" into shared memory once and
+every row walks its ancestors there, root first (the lanes of a warp then mostly read the same
+slot: broadcasts). The backward also lists the (row, ancestor) pairs level by level, which puts
+the pairs of one ancestor in one contiguous run, and splits the list evenly among the threads:
+the K/V gradient sums are balanced, summed in registers and stored once. Only ancestors of a
+later tile's first row (under D per tile) get contributions from several tiles; those are
+summed over tiles in float64 (atomics), so their order changes nothing at fp32 precision.
 Kernels are compiled per (H, E, D, element type) on first use (float32 or float64).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import cupy as cp
 
-_WARPS = 4          # warps per block (128 threads)
-
 _ATTENTION = r"""
 #define FULL 0xffffffffu
+#define NW (TILE / 32)
+static_assert(TILE % 32 == 0 && TILE <= 256, "list entries hold a tile row in 8 bits");
+// elements per 16-byte chunk; smem rows padded by 16 bytes so that the rows read by 8
+// consecutive lanes (one 128-byte wavefront of 16-byte loads) fall on distinct banks
+#if VEC
+#define CW (16 / (int)sizeof(T))
+#define EP (E + CW)
+#else
+#define CW 1
+#define EP (E + 1)
+#endif
 
-// one head's E values of a row, in registers (16-byte loads where the type allows)
-__device__ __forceinline__ void load_row(const T* __restrict__ p, T* r) {
-#if VEC4
+// one head's E values of a row, global (read-only path) or shared, into registers
+__device__ __forceinline__ void ldg_row(const float* __restrict__ p, float* r) {
+#if VEC
 #pragma unroll
     for (int e = 0; e < E; e += 4) {
-        const float4 t = __ldg(reinterpret_cast<const float4*>(p) + e / 4);
+        const float4 t = __ldg(reinterpret_cast<const float4*>(p + e));
         r[e] = t.x; r[e + 1] = t.y; r[e + 2] = t.z; r[e + 3] = t.w;
     }
 #else
@@ -49,129 +61,422 @@ __device__ __forceinline__ void load_row(const T* __restrict__ p, T* r) {
     for (int e = 0; e < E; ++e) r[e] = __ldg(p + e);
 #endif
 }
-
-__device__ __forceinline__ int warp_max(int x) {
-    for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(FULL, x, o));
-    return x;
+__device__ __forceinline__ void ldg_row(const double* __restrict__ p, double* r) {
+#if VEC
+#pragma unroll
+    for (int e = 0; e < E; e += 2) {
+        const double2 t = __ldg(reinterpret_cast<const double2*>(p + e));
+        r[e] = t.x; r[e + 1] = t.y;
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = __ldg(p + e);
+#endif
+}
+__device__ __forceinline__ void lds_row(const float* p, float* r) {
+#if VEC
+#pragma unroll
+    for (int e = 0; e < E; e += 4) {
+        const float4 t = *reinterpret_cast<const float4*>(p + e);
+        r[e] = t.x; r[e + 1] = t.y; r[e + 2] = t.z; r[e + 3] = t.w;
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = p[e];
+#endif
+}
+__device__ __forceinline__ void lds_row(const double* p, double* r) {
+#if VEC
+#pragma unroll
+    for (int e = 0; e < E; e += 2) {
+        const double2 t = *reinterpret_cast<const double2*>(p + e);
+        r[e] = t.x; r[e + 1] = t.y;
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) r[e] = p[e];
+#endif
 }
 
-// o[i,h] = softmax over i's ancestors r (and i) of (q_i . k_r) * scale, applied to v_r;
-// lse[i,h] = the log of the softmax denominator (what the backward needs, with o).
-extern "C" __global__ void tree_attn_fwd(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const int* __restrict__ parent, const int* __restrict__ depth, const int n,
-    const T scale, T* __restrict__ o, T* __restrict__ lse)
+__device__ __forceinline__ void stg_row(float* p, const float* r) {
+#if VEC
+#pragma unroll
+    for (int e = 0; e < E; e += 4)
+        *reinterpret_cast<float4*>(p + e) = make_float4(r[e], r[e + 1], r[e + 2], r[e + 3]);
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) p[e] = r[e];
+#endif
+}
+__device__ __forceinline__ void stg_row(double* p, const double* r) {
+#if VEC
+#pragma unroll
+    for (int e = 0; e < E; e += 2) *reinterpret_cast<double2*>(p + e) = make_double2(r[e], r[e + 1]);
+#else
+#pragma unroll
+    for (int e = 0; e < E; ++e) p[e] = r[e];
+#endif
+}
+
+// global -> shared copy of one chunk (CW elements), asynchronous where the chip has it
+__device__ __forceinline__ void copy_chunk(T* dst, const T* __restrict__ src) {
+#if VEC && __CUDA_ARCH__ >= 800
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" :: "r"(s), "l"(src));
+#else
+#pragma unroll
+    for (int e = 0; e < CW; ++e) dst[e] = src[e];
+#endif
+}
+__device__ __forceinline__ void copy_wait() {
+#if VEC && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ T dot(const T* a, const T* b) {
+    T s0 = (T)0, s1 = (T)0;          // two chains: half the dependent FMA latency
+#pragma unroll
+    for (int e = 0; e < E; e += 2) { s0 += a[e] * b[e]; if (e + 1 < E) s1 += a[e + 1] * b[e + 1]; }
+    return s0 + s1;
+}
+
+// K and V of head h of the block's slots into shared memory: slot t < TILE is row a + t
+// (t < rows), slot TILE + j is a's ancestor at depth j + 1 (j < na).
+__device__ __forceinline__ void load_slots(
+    const T* __restrict__ k, const T* __restrict__ v, const int* __restrict__ anc,
+    const long long a, const int rows, const int na, const int h, T* Ks, T* Vs)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int h = (int)(w % H);
-    const long long i = (w / H) * 32 + (threadIdx.x & 31);
-    if (i >= n) return;
-    T qr[E], acc[E], kr[E], vr[E];
-    load_row(q + (i * H + h) * E, qr);
+    for (int c = threadIdx.x; c < (TILE + na) * (E / CW); c += TILE) {
+        const int s = c / (E / CW), part = c % (E / CW);
+        if (s >= rows && s < TILE) continue;
+        const long long r = s < TILE ? a + s : (long long)anc[s - TILE];
+        const long long off = (r * H + h) * E + part * CW;
+        copy_chunk(Ks + s * EP + part * CW, k + off);
+        copy_chunk(Vs + s * EP + part * CW, v + off);
+    }
+}
+
+// parent slot of tile row t (depth dep, parent row p): its own tile row, a's ancestor at
+// depth dep - 1 (an ancestor of t before a is an ancestor of a: subtrees are contiguous), none
+__device__ __forceinline__ int parent_slot(const int p, const long long a, const int dep) {
+    return p < 0 ? -1 : (p >= a ? (int)(p - a) : TILE + dep - 2);
+}
+
+// A[j * TILE + t] = the slot of tile row t's ancestor at depth j + 1 (j < dep). The walks
+// then go root first: the lanes of a warp (consecutive rows in preorder) read the same
+// shallow ancestors at the same step, so most shared-memory reads of K/V are broadcasts.
+__device__ __forceinline__ void ancestor_table(const int* ps, const int dep, unsigned short* A) {
+    int s = threadIdx.x;
+    for (int j = dep - 1; j >= 0; --j) { A[j * TILE + threadIdx.x] = (unsigned short)s; s = ps[s]; }
+}
+
+// Block (tile, head): o[i,h] = softmax over i's ancestors r (and i) of (q_i . k_r) * scale,
+// applied to v_r; lse[i,h] = the log of the softmax denominator. The union of the contexts
+// of rows [a, a + TILE) is those rows plus a's ancestors, so each row walks its parent
+// slots in shared memory, with an online softmax.
+extern "C" __global__ void __launch_bounds__(TILE) tree_attn_fwd(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const int* __restrict__ parent, const int* __restrict__ depth,
+    const int* __restrict__ tile_anc, const int n, const int dm, const T scale,
+    T* __restrict__ o, T* __restrict__ lse)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int S = TILE + dm - 1;
+    T* Ks = reinterpret_cast<T*>(smem);
+    T* Vs = Ks + S * EP;
+    int* ps = reinterpret_cast<int*>(Vs + S * EP);
+    unsigned short* A = reinterpret_cast<unsigned short*>(ps + S);
+    const int tile = blockIdx.x / H, h = blockIdx.x % H, t = threadIdx.x;
+    const long long a = (long long)tile * TILE;
+    const int rows = (int)min((long long)TILE, n - a);
+    const int na = depth[a] - 1;
+    load_slots(k, v, tile_anc + (long long)tile * dm, a, rows, na, h, Ks, Vs);
+    const long long i = a + t;
+    int dep = 0;
+    T qr[E];
+    if (t < rows) {
+        dep = depth[i];
+        ps[t] = parent_slot(parent[i], a, dep);
+        ldg_row(q + (i * H + h) * E, qr);
+    }
+    for (int j = t; j < na; j += TILE) ps[TILE + j] = j ? TILE + j - 1 : -1;
+    __syncthreads();
+    ancestor_table(ps, dep, A);
+    copy_wait();
+    __syncthreads();
+    if (t >= rows) return;
+    T acc[E], kr[E], vr[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) { qr[e] *= scale; acc[e] = (T)0; }
-    T m = (T)-1e30, l = (T)0;       // exp(m - s) underflows to 0 at the first ancestor
-    int r = (int)i;
-    for (int d = depth[i]; d >= 1; --d) {
-        const int up = d > 1 ? __ldg(parent + r) : r;     // in flight while r is used
-        load_row(k + ((long long)r * H + h) * E, kr);
-        load_row(v + ((long long)r * H + h) * E, vr);
-        T s = (T)0;
-#pragma unroll
-        for (int e = 0; e < E; ++e) s += qr[e] * kr[e];
-        const T mn = fmax(m, s), c = exp(m - mn), p = exp(s - mn);
+    T m = (T)-1e30, l = (T)0;       // exp(m - s) underflows to 0 at the first slot
+    for (int j = 0; j < dep; ++j) {
+        const int s = A[j * TILE + t];
+        lds_row(Ks + s * EP, kr);
+        lds_row(Vs + s * EP, vr);
+        const T sc = dot(qr, kr);
+        // one exp: the new maximum rescales either the old sum (c) or the new term (p)
+        const T x = exp(-fabs(sc - m));
+        const bool up_m = sc > m;
+        const T c = up_m ? x : (T)1, p = up_m ? (T)1 : x;
+        m = up_m ? sc : m;
         l = l * c + p;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[e] = acc[e] * c + p * vr[e];
-        m = mn;
-        r = up;
     }
     const T inv = (T)1 / l;
-    T* oi = o + (i * H + h) * E;
 #pragma unroll
-    for (int e = 0; e < E; ++e) oi[e] = acc[e] * inv;
+    for (int e = 0; e < E; ++e) acc[e] *= inv;
+    stg_row(o + (i * H + h) * E, acc);
     lse[i * H + h] = m + log(l);
 }
 
-// dq (written) and dk, dv (float64, added into zeroed buffers). Row i's contribution to its
-// ancestor r: dk_r += ds_ir * scale * q_i, dv_r += p_ir * do_i; with `truncated`, only r = i.
-extern "C" __global__ void tree_attn_bwd(
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-    const T* __restrict__ o, const T* __restrict__ dout, const T* __restrict__ lse,
-    const int* __restrict__ parent, const int* __restrict__ depth, const int n,
-    const T scale, const int truncated,
-    T* __restrict__ dq, double* __restrict__ dk, double* __restrict__ dv)
+// the complete K/V gradient of slot s from this block: a plain store when every row that
+// attends to it is in the tile (side < 0), else float64 atomics into its boundary-row slot
+__device__ __forceinline__ void put_kv(const int s, const T* ak, const T* av, const T scale,
+    const int h, const int* rowof, const int* side, T* __restrict__ dk, T* __restrict__ dv,
+    double* __restrict__ dkb, double* __restrict__ dvb)
 {
-    const long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    const int h = (int)(w % H);
-    const long long i = (w / H) * 32 + lane;
-    const bool ok = i < n;
-    const long long ii = ok ? i : 0;
-    const int dep = ok ? depth[ii] : 0;
-    T qr[E], dor[E], dqa[E], kr[E], vr[E];
-    T di = (T)0;
-    load_row(q + (ii * H + h) * E, qr);
-    load_row(dout + (ii * H + h) * E, dor);
-    load_row(o + (ii * H + h) * E, kr);
+    const int b = side[s];
+    if (b < 0) {
+        const long long off = ((long long)rowof[s] * H + h) * E;
+        T sk[E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) { dqa[e] = (T)0; di += dor[e] * kr[e]; }
-    const T L = lse[ii * H + h];
-    const int top = warp_max(dep);          // uniform over the warp: every lane runs each j
-    int r = (int)ii;
-    for (int j = top - 1; j >= 0; --j) {
-        const bool act = j < dep;
-        if (act && j < dep - 1) r = __ldg(parent + r);     // i's ancestor at depth j + 1
-        T ck[E], cv[E];
-        int key = -1;
+        for (int e = 0; e < E; ++e) sk[e] = ak[e] * scale;
+        stg_row(dk + off, sk);
+        stg_row(dv + off, av);
+    } else {
+        const long long off = ((long long)b * H + h) * E;
 #pragma unroll
-        for (int e = 0; e < E; ++e) { ck[e] = (T)0; cv[e] = (T)0; }
-        if (act) {
-            load_row(k + ((long long)r * H + h) * E, kr);
-            load_row(v + ((long long)r * H + h) * E, vr);
-            T s = (T)0, dp = (T)0;
-#pragma unroll
-            for (int e = 0; e < E; ++e) { s += qr[e] * kr[e]; dp += dor[e] * vr[e]; }
-            const T p = exp(s * scale - L);
-            const T ds = p * (dp - di);
-#pragma unroll
-            for (int e = 0; e < E; ++e) dqa[e] += ds * kr[e];
-            if (!truncated || j == dep - 1) {
-                key = r;
-#pragma unroll
-                for (int e = 0; e < E; ++e) { ck[e] = ds * scale * qr[e]; cv[e] = p * dor[e]; }
-            }
-        }
-        // runs of equal keys are contiguous: suffix-sum each run into its first lane
-        const int nxt = __shfl_down_sync(FULL, key, 1);
-        if (__any_sync(FULL, lane < 31 && key >= 0 && nxt == key)) {
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const int ku = __shfl_down_sync(FULL, key, off);
-                const bool take = lane + off < 32 && ku == key;
-#pragma unroll
-                for (int e = 0; e < E; ++e) {
-                    const T a = __shfl_down_sync(FULL, ck[e], off);
-                    const T b = __shfl_down_sync(FULL, cv[e], off);
-                    if (take) { ck[e] += a; cv[e] += b; }
-                }
-            }
-        }
-        const int prv = __shfl_up_sync(FULL, key, 1);
-        if (key >= 0 && (lane == 0 || prv != key)) {
-            double* dkr = dk + ((long long)key * H + h) * E;
-            double* dvr = dv + ((long long)key * H + h) * E;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-                atomicAdd(dkr + e, (double)ck[e]);
-                atomicAdd(dvr + e, (double)cv[e]);
-            }
+        for (int e = 0; e < E; ++e) {
+            atomicAdd(dkb + off + e, (double)(ak[e] * scale));
+            atomicAdd(dvb + off + e, (double)av[e]);
         }
     }
-    if (ok) {
-        T* dqi = dq + (i * H + h) * E;
+}
+
+// Block (tile, head). dq: each row walks its slots (row-centric, stored). dk/dv: every
+// (row, ancestor slot) pair is listed level by level (depth of the slot), rows ascending, so
+// the pairs of one slot are one contiguous run; each thread takes an equal share of the list
+// and sums the runs in registers (a run split between threads is finished by the thread where
+// it starts, adding the partial sums the others left in shared memory, in thread order).
+// Rows whose every descendant is in the tile get a plain store; the others (ancestors of a
+// later tile's first row) are summed over tiles in float64 (dkb/dvb, zeroed, indexed by
+// bidx) and copied out by tree_attn_side. With `truncated`, row i's K/V get only i's own term.
+// Shared memory bounds the blocks per SM, so the tile's Q and dO (read by the K/V gradient
+// phase) replace the slots' K/V (read by the dq phase) in one region; that phase reads a
+// slot's K/V from global memory once per run.
+extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ o, const T* __restrict__ dout, const T* __restrict__ lse,
+    const int* __restrict__ parent, const int* __restrict__ depth,
+    const int* __restrict__ tile_anc, const int* __restrict__ bidx,
+    const int n, const int dm, const T scale, const int truncated,
+    T* __restrict__ dq, T* __restrict__ dk, T* __restrict__ dv,
+    double* __restrict__ dkb, double* __restrict__ dvb)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int total;
+    const int S = TILE + dm - 1, qn = truncated ? 0 : TILE;
+    T* Ks = reinterpret_cast<T*>(smem);
+    T* Vs = Ks + S * EP;
+    T* Qs = Ks;                          // after the dq phase
+    T* Ds = Qs + TILE * EP;
+    T* HB = Ds + TILE * EP;              // (TILE, 2E) partial sums of runs split by threads
+    T* Ls = Ks + max(2 * S * EP, qn * (2 * EP + 2 * E));
+    T* Dis = Ls + qn;
+    int* ps = reinterpret_cast<int*>(Dis + qn);
+    int* side = ps + S;
+    int* rowof = side + S;
+    unsigned* bal = reinterpret_cast<unsigned*>(rowof + S);   // (NW, dm) ballots: depth > j
+    int* woff = reinterpret_cast<int*>(bal + NW * dm);        // (NW, dm) list offsets
+    unsigned short* A = reinterpret_cast<unsigned short*>(woff + NW * dm);
+    unsigned short* list = A + dm * TILE;                      // row | level << 8
+
+    const int tile = blockIdx.x / H, h = blockIdx.x % H, t = threadIdx.x;
+    const int lane = t & 31, w = t >> 5;
+    const long long a = (long long)tile * TILE;
+    const int rows = (int)min((long long)TILE, n - a);
+    const int na = depth[a] - 1;
+    const int* anc = tile_anc + (long long)tile * dm;
+    load_slots(k, v, anc, a, rows, na, h, Ks, Vs);
+    const long long i = a + t;
+    int dep = 0;
+    T qr[E], dor[E], kr[E], vr[E], L = (T)0, di = (T)0;
+    if (t < rows) {
+        dep = depth[i];
+        ps[t] = parent_slot(parent[i], a, dep);
+        rowof[t] = (int)i;
+        side[t] = truncated ? -1 : bidx[i];
+        L = lse[i * H + h];
+        ldg_row(q + (i * H + h) * E, qr);
+        ldg_row(dout + (i * H + h) * E, dor);
+        ldg_row(o + (i * H + h) * E, kr);
+        di = dot(dor, kr);               // the same dot as dp: o = v exactly gives ds = 0
+        if (!truncated) { Ls[t] = L; Dis[t] = di; }
+    }
+    for (int j = t; j < na; j += TILE) {
+        ps[TILE + j] = j ? TILE + j - 1 : -1;
+        rowof[TILE + j] = anc[j];
+        side[TILE + j] = bidx[anc[j]];
+    }
+    if (!truncated) {
+        for (int j = 0; j < dm; ++j) {
+            const unsigned b = __ballot_sync(FULL, j < dep);
+            if (lane == 0) bal[w * dm + j] = b;
+        }
+    }
+    __syncthreads();
+    ancestor_table(ps, dep, A);
+    if (!truncated && w == 0) {         // level offsets, then per-warp offsets inside a level
+        int carry = 0;
+        for (int base = 0; base < dm; base += 32) {
+            const int j = base + lane;
+            int c = 0;
+            if (j < dm)
+                for (int x = 0; x < NW; ++x) c += __popc(bal[x * dm + j]);
+            int inc = c;
+            for (int off = 1; off < 32; off <<= 1) {
+                const int y = __shfl_up_sync(FULL, inc, off);
+                if (lane >= off) inc += y;
+            }
+            int run = carry + inc - c;
+            if (j < dm)
+                for (int x = 0; x < NW; ++x) { woff[x * dm + j] = run; run += __popc(bal[x * dm + j]); }
+            carry += __shfl_sync(FULL, inc, 31);
+        }
+        if (lane == 0) total = carry;
+    }
+    copy_wait();
+    __syncthreads();
+    if (t < rows) {
+        const unsigned lt = (1u << lane) - 1u;
+        T dqa[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) dqi[e] = dqa[e] * scale;
+        for (int e = 0; e < E; ++e) dqa[e] = (T)0;
+        for (int j = 0; j < dep; ++j) {
+            const int s = A[j * TILE + t];
+            lds_row(Ks + s * EP, kr);
+            lds_row(Vs + s * EP, vr);
+            const T p = exp(dot(qr, kr) * scale - L);
+            const T ds = p * (dot(dor, vr) - di);
+#pragma unroll
+            for (int e = 0; e < E; ++e) dqa[e] += ds * kr[e];
+            if (!truncated) {
+                list[woff[w * dm + j] + __popc(bal[w * dm + j] & lt)] = (unsigned short)(t | (j << 8));
+            } else if (j == dep - 1) {      // s == t: the row's own K/V term
+                T ck[E], cv[E];
+#pragma unroll
+                for (int e = 0; e < E; ++e) { ck[e] = ds * scale * qr[e]; cv[e] = p * dor[e]; }
+                stg_row(dk + (i * H + h) * E, ck);
+                stg_row(dv + (i * H + h) * E, cv);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < E; ++e) dqa[e] *= scale;
+        stg_row(dq + (i * H + h) * E, dqa);
+    }
+    if (truncated) return;               // uniform over the block
+    __syncthreads();
+    for (int c = t; c < rows * (E / CW); c += TILE) {
+        const int r = c / (E / CW), part = c % (E / CW);
+        const long long off = ((a + r) * H + h) * E + part * CW;
+        copy_chunk(Qs + r * EP + part * CW, q + off);
+        copy_chunk(Ds + r * EP + part * CW, dout + off);
+    }
+    copy_wait();
+    __syncthreads();
+    const int P = total;
+    const int b0 = (int)(((long long)t * P) / TILE), b1 = (int)(((long long)(t + 1) * P) / TILE);
+    T ak[E], av[E];
+    int cur = -1;
+    bool head = false;                   // the current run began in an earlier thread's share
+    for (int x = b0; x < b1; ++x) {
+        const int en = list[x], r = en & 255, s = A[(en >> 8) * TILE + r];
+        if (s != cur) {
+            if (cur >= 0) {
+                if (head) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) { HB[t * 2 * E + e] = ak[e]; HB[t * 2 * E + E + e] = av[e]; }
+                } else {
+                    put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
+                }
+            }
+            if (x == b0 && x > 0) {
+                const int ep = list[x - 1];
+                head = A[(ep >> 8) * TILE + (ep & 255)] == s;
+            } else {
+                head = false;
+            }
+            cur = s;
+            const long long off = ((long long)rowof[s] * H + h) * E;
+            ldg_row(k + off, kr);
+            ldg_row(v + off, vr);
+#pragma unroll
+            for (int e = 0; e < E; ++e) { ak[e] = (T)0; av[e] = (T)0; }
+        }
+        lds_row(Qs + r * EP, qr);
+        lds_row(Ds + r * EP, dor);
+        const T p = exp(dot(qr, kr) * scale - Ls[r]);
+        const T ds = p * (dot(dor, vr) - Dis[r]);
+#pragma unroll
+        for (int e = 0; e < E; ++e) { ak[e] += ds * qr[e]; av[e] += p * dor[e]; }
+    }
+    bool defer = false;
+    if (cur >= 0) {
+        if (head) {
+#pragma unroll
+            for (int e = 0; e < E; ++e) { HB[t * 2 * E + e] = ak[e]; HB[t * 2 * E + E + e] = av[e]; }
+        } else if (b1 < P && A[(list[b1] >> 8) * TILE + (list[b1] & 255)] == cur) {
+            defer = true;                // continues into later shares: finish after the barrier
+        } else {
+            put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
+        }
+    }
+    __syncthreads();
+    if (defer) {
+        for (int u = t + 1; u < TILE; ++u) {
+            const int c0 = (int)(((long long)u * P) / TILE), c1 = (int)(((long long)(u + 1) * P) / TILE);
+            if (c0 == c1) continue;
+            if (A[(list[c0] >> 8) * TILE + (list[c0] & 255)] != cur) break;
+#pragma unroll
+            for (int e = 0; e < E; ++e) { ak[e] += HB[u * 2 * E + e]; av[e] += HB[u * 2 * E + E + e]; }
+        }
+        put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
+    }
+}
+
+// the float64 sums of the boundary rows (brow[b], b < nb) into dk, dv
+extern "C" __global__ void tree_attn_side(
+    const double* __restrict__ dkb, const double* __restrict__ dvb, const int* __restrict__ brow,
+    const long long total, T* __restrict__ dk, T* __restrict__ dv)
+{
+    const long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= total) return;
+    const long long b = x / (H * E), c = x % (H * E);
+    const long long off = (long long)brow[b] * (H * E) + c;
+    dk[off] = (T)dkb[x];
+    dv[off] = (T)dvb[x];
+}
+
+// Per tile of TILE rows: tile_anc[tile, j] = the first row's ancestor at depth j + 1 (-1 from
+// its own depth on); mark[r] = 1 for each such ancestor (rows whose K/V gradient is summed
+// over several tiles).
+extern "C" __global__ void tree_tiles(
+    const int* __restrict__ parent, const int* __restrict__ depth, const int n, const int dm,
+    int* __restrict__ tile_anc, int* __restrict__ mark)
+{
+    const long long tile = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long a = tile * TILE;
+    if (a >= n) return;
+    const int d = depth[a];
+    int* out = tile_anc + tile * dm;
+    for (int j = d - 1; j < dm; ++j) out[j] = -1;
+    int r = (int)a;
+    for (int j = d - 2; j >= 0; --j) {
+        r = parent[r];
+        out[j] = r;
+        mark[r] = 1;
     }
 }
 """
@@ -374,42 +679,106 @@ def _ctype(dtype: Any) -> str:
     raise TypeError(f"no kernel for {dtype}")
 
 
-def _attention_module(dtype: Any, h: int, e: int) -> cp.RawModule:
-    return _module(_ATTENTION, H=h, E=e, T=_ctype(dtype),
-                   VEC4=int(dtype == cp.float32 and e % 4 == 0))
+def _attention_module(dtype: Any, h: int, e: int, tile: int) -> cp.RawModule:
+    return _module(_ATTENTION, H=h, E=e, T=_ctype(dtype), TILE=tile,
+                   VEC=int(e * cp.dtype(dtype).itemsize % 16 == 0))
+
+
+@functools.cache
+def _attention_fn(dtype: Any, h: int, e: int, tile: int, name: str) -> Any:
+    fn = _attention_module(dtype, h, e, tile).get_function(name)
+    # all of L1 as shared memory: blocks per SM are bounded by shared memory, and the kernels
+    # read global memory once (cp.async into shared memory), so they need little L1
+    fn.preferred_shared_memory_carveout = 100
+    return fn
 
 
 def _blocks(threads: int, per_block: int) -> int:
     return max(1, (threads + per_block - 1) // per_block)
 
 
-def tree_attention(q: Any, k: Any, v: Any, parent: Any, depth: Any):
+@dataclass
+class TileLayout:
+    """Rows cut into tiles of `tile` consecutive rows, one attention block per (tile, head)."""
+
+    tile: int
+    anc: Any        # (n_tiles, max_depth) int32: ancestors of each tile's first row, -1 padded
+    bidx: Any       # (N,) int32: index of a boundary row (K/V gradient over tiles), else -1
+    brow: Any       # (B,) int32: the boundary rows (strict ancestors of tile-first rows)
+    max_depth: int
+
+
+def default_tile(max_depth: int) -> int:
+    """Tile rows: 128 (measured best at depth 32) while shared memory allows."""
+    if max_depth > 256:
+        raise ValueError(f"the tiled attention kernels take contexts up to 256, not {max_depth}")
+    return 128 if max_depth <= 64 else 64
+
+
+def tree_tiles(parent: Any, depth: Any, max_depth: int, tile: int | None = None) -> TileLayout:
+    """The tile layout of rows in depth-first preorder (once per unit: it syncs for B)."""
+    tile = tile or default_tile(max_depth)
+    n = len(depth)
+    n_tiles = (n + tile - 1) // tile
+    anc = cp.empty((n_tiles, max_depth), dtype=cp.int32)
+    mark = cp.zeros((n,), dtype=cp.int32)
+    if n:
+        fn = _module(_ATTENTION, H=1, E=4, T="float", TILE=tile, VEC=1).get_function("tree_tiles")
+        fn((_blocks(n_tiles, 128),), (128,), (parent, depth, cp.int32(n), cp.int32(max_depth), anc, mark))
+    brow = cp.flatnonzero(mark).astype(cp.int32)
+    bidx = cp.full((n,), -1, dtype=cp.int32)
+    bidx[brow] = cp.arange(len(brow), dtype=cp.int32)
+    return TileLayout(tile, anc, bidx, brow, max_depth)
+
+
+def _launch(fn: Any, smem: int, grid: int, block: int, args: tuple) -> None:
+    if smem > 48 * 1024:        # opt in to more than the default 48 KB of shared memory
+        fn.max_dynamic_shared_size_bytes = smem
+    fn((grid,), (block,), args, shared_mem=smem)
+
+
+def _pad(e: int, itemsize: int) -> int:       # EP of the kernel source: padded row length
+    return e + 16 // itemsize if e * itemsize % 16 == 0 else e + 1
+
+
+def tree_attention(q: Any, k: Any, v: Any, parent: Any, depth: Any, tiles: TileLayout):
     """(o, lse) of attention over each row's ancestors; q, k, v (N, H, E) contiguous."""
     n, h, e = q.shape
     o = cp.empty_like(q)
     lse = cp.empty((n, h), dtype=q.dtype)
     if n:
-        threads = ((n + 31) // 32) * 32 * h
-        fn = _attention_module(q.dtype, h, e).get_function("tree_attn_fwd")
-        fn((_blocks(threads, 32 * _WARPS),), (32 * _WARPS,),
-           (q, k, v, parent, depth, cp.int32(n), q.dtype.type(e ** -0.5), o, lse))
+        tile, dm, isz = tiles.tile, tiles.max_depth, q.dtype.itemsize
+        slots = tile + dm - 1
+        smem = 2 * slots * _pad(e, isz) * isz + 4 * slots + 2 * dm * tile
+        _launch(_attention_fn(q.dtype, h, e, tile, "tree_attn_fwd"), smem, len(tiles.anc) * h, tile,
+                (q, k, v, parent, depth, tiles.anc, cp.int32(n), cp.int32(dm),
+                 q.dtype.type(e ** -0.5), o, lse))
     return o, lse
 
 
 def tree_attention_backward(do: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, parent: Any,
-                            depth: Any, truncated: bool):
+                            depth: Any, tiles: TileLayout, truncated: bool):
     """(dq, dk, dv); dk/dv sum every descendant's contribution (or only the row's own)."""
     n, h, e = q.shape
-    dq = cp.empty_like(q)
-    dk = cp.zeros(q.shape, dtype=cp.float64)
-    dv = cp.zeros(q.shape, dtype=cp.float64)
+    dq, dk, dv = cp.empty_like(q), cp.empty_like(q), cp.empty_like(q)
     if n:
-        threads = ((n + 31) // 32) * 32 * h
-        fn = _attention_module(q.dtype, h, e).get_function("tree_attn_bwd")
-        fn((_blocks(threads, 32 * _WARPS),), (32 * _WARPS,),
-           (q, k, v, o, do, lse, parent, depth, cp.int32(n), q.dtype.type(e ** -0.5),
-            cp.int32(int(truncated)), dq, dk, dv))
-    return dq, dk.astype(q.dtype, copy=False), dv.astype(q.dtype, copy=False)
+        tile, dm, isz = tiles.tile, tiles.max_depth, q.dtype.itemsize
+        slots, ep = tile + dm - 1, _pad(e, isz)
+        nb = 0 if truncated else len(tiles.brow)
+        dkb = cp.zeros((max(nb, 1), h, e), dtype=cp.float64)
+        dvb = cp.zeros((max(nb, 1), h, e), dtype=cp.float64)
+        qn = 0 if truncated else tile
+        smem = (isz * (max(2 * slots * ep, qn * (2 * ep + 2 * e)) + 2 * qn)
+                + 4 * (3 * slots + 2 * (tile // 32) * dm) + 2 * (dm * tile + (qn and dm * tile)))
+        _launch(_attention_fn(q.dtype, h, e, tile, "tree_attn_bwd"), smem, len(tiles.anc) * h, tile,
+                (q, k, v, o, do, lse, parent, depth, tiles.anc, tiles.bidx, cp.int32(n),
+                 cp.int32(dm), q.dtype.type(e ** -0.5), cp.int32(int(truncated)),
+                 dq, dk, dv, dkb, dvb))
+        if nb:
+            total = nb * h * e
+            _attention_fn(q.dtype, h, e, tile, "tree_attn_side")(
+                (_blocks(total, 256),), (256,), (dkb, dvb, tiles.brow, cp.int64(total), dk, dv))
+    return dq, dk, dv
 
 
 def layernorm(x: Any, g: Any, b: Any, eps: float):

@@ -8,8 +8,9 @@ layout is the only thing that differs between trie training and window training.
   fixed depth j the depth-j ancestors of consecutive rows form contiguous runs: the K/V
   gradient an ancestor receives from all its descendants is a segmented sum over one run
   (`aggregate`), no scatter and no atomics.
-- `ParentTree`: the same rows as parent pointers only (the GPU kernels walk them instead of
-  gathering an (N, Dm) ancestor matrix; agpt/gpu/kernels.py).
+- `ParentTree`: the same rows as parent pointers only, plus the GPU attention kernels' tiles
+  (they walk ancestors in shared memory instead of gathering an (N, Dm) ancestor matrix;
+  agpt/gpu/kernels.py).
 - `WindowLayout`: B windows of T rows, dense causal attention (the window baseline).
 """
 
@@ -52,6 +53,7 @@ class ParentTree:
     parent: Any
     depth: Any
     max_depth: int         # host int (no device sync to size tables)
+    tiles: Any = None      # agpt.gpu.kernels.TileLayout, made once per staged unit
 
     @property
     def n_rows(self) -> int:
