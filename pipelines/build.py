@@ -500,6 +500,8 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         <= cfg.memory_limit - BASE_BYTES
     if cfg.out_of_core is not None:
         in_memory = not cfg.out_of_core
+    if in_memory:  # out of core, the first task's load is a small part of the build
+        _warm_up_kernels(V, D)
     budget = cfg.partition_budget or (task_keys if cfg.partition == "auto" else None)
     writer = TrieWriter(out_url, corpus, cfg.trie_params(budget), force=force)
     if writer.has_layer(layer):
@@ -588,6 +590,18 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
     _log(cfg, f"done in {secs:.2f} s: {json.dumps(totals)[:200]}")
     return {"store": out_url, "layer": layer, "seconds": secs, "partitions": plan.n_partitions,
             **totals}
+
+
+def _warm_up_kernels(V: int, D: int) -> None:
+    """Load the compiled build kernels on a background thread while the build plans (the
+    first load initialises numba, ~0.5 s); the first task waits for it if it must."""
+    import threading
+
+    def run() -> None:  # klen is int64 in memory (gather_keys)
+        from agpt.trie import native
+        native.warm_up(key_dtype(V), np.dtype(np.int64), _token_dtype(V), D)
+
+    threading.Thread(target=run, name="agpt-warm-up", daemon=True).start()
 
 
 def _radix_totals(pieces) -> dict[str, int]:

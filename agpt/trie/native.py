@@ -491,3 +491,21 @@ def gather_edges(keys, row, head, end, edge_ptr, out):
         for c in range(head[x] - 1, end[x]):
             out[d] = keys[r, c] - 1
             d += 1
+
+
+def warm_up(key_dtype: np.dtype, klen_dtype: np.dtype, token_dtype: np.dtype, depth: int) -> None:
+    """Load (or compile) the kernels for these dtypes on a tiny input.
+
+    Loading the first compiled function initialises numba (~0.5 s, more than the kernels
+    save on a 1 MB corpus); a build calls this on a background thread while it plans, so
+    that the first task does not wait for it.
+    """
+    from agpt.trie.keys import sort_keys
+    from agpt.trie.radix import radix_from_keys
+
+    keys = np.zeros((3, depth + 1), key_dtype)
+    keys[:, 0] = 1
+    keys[1:, 1] = 1
+    klen = np.array([1, depth + 1, depth + 1], klen_dtype)
+    sk = sort_keys(keys, klen, None, np.zeros(3, np.int32), np.zeros(1, np.int16))
+    radix_from_keys(sk, np.dtype(token_dtype))
