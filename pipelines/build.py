@@ -31,7 +31,7 @@ from agpt.errors import AgptError
 from agpt.store.corpus import CorpusStore, open_corpus
 from agpt.store.trie import TrieWriter
 from agpt.trie.keys import gather_keys, key_dtype, sort_keys
-from agpt.trie.plan import Plan, make_plan, partition_ranges
+from agpt.trie.plan import _LUT_MAX, Plan, make_plan, partition_ranges
 from agpt.trie.plan import assign as assign_partitions
 from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
 
@@ -155,37 +155,18 @@ def _starts(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(out), np.concatenate(ends)
 
 
-def _kgram_counts(tokens: np.ndarray, offset: int, starts: np.ndarray, doc_end: np.ndarray,
-                  k: int, parents: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of the k-grams that begin at `starts` (ascending, fully inside their document)."""
-    rel = starts[doc_end - starts >= k] - offset
-    if rel.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    n = int(rel[-1]) + 1
-    # (k-1)-gram codes of every position below n from contiguous slices, then the starts'
-    pc = np.zeros(n, dtype=np.int64)
-    for j in range(k - 1):
-        pc *= V
-        pc += tokens[j: j + n]
-    pc = pc if len(rel) == n else pc[rel]
-    if parents is not None:
-        i = np.minimum(np.searchsorted(parents, pc), len(parents) - 1)
-        hit = parents[i] == pc
-        rel, pc = rel[hit], pc[hit]
-    code = pc * V + tokens[rel + (k - 1)]
-    del pc
-    if V ** k <= max(1 << 22, 4 * len(code)):  # small code space: count in linear time
-        cnt = np.bincount(code, minlength=V ** k)
-        u = np.flatnonzero(cnt)
-        return u.astype(np.int64), cnt[u].astype(np.int64)
-    return np.unique(code, return_counts=True)
-
-
-def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
-    cnt = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.int64)
-    u, inv = np.unique(codes, return_inverse=True)
-    return u, np.bincount(inv, weights=cnt, minlength=len(u)).astype(np.int64)
+def doc_pieces(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The start positions in [lo, hi) as document pieces, relative to lo: starts
+    seg_lo[s] .. seg_hi[s]-1 lie in a document that ends at seg_end[s] (a start needs a
+    successor, so a document [a, b) has starts a .. b-2)."""
+    a, b = docs[:, 0], docs[:, 1]
+    first = int(np.searchsorted(b, lo, side="right"))  # documents are sorted and disjoint
+    last = int(np.searchsorted(a, hi, side="left"))
+    a, b = a[first:last], b[first:last]
+    s_lo, s_hi = np.maximum(a, lo), np.minimum(b - 1, hi)
+    keep = s_lo < s_hi
+    return ((s_lo[keep] - lo).astype(np.int64), (s_hi[keep] - lo).astype(np.int64),
+            (b[keep] - lo).astype(np.int64))
 
 
 class _Chunks:
@@ -199,6 +180,12 @@ class _Chunks:
         self.depth = depth
         self.bounds = list(range(0, self.end, size))
 
+    def pieces(self, lo: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(tokens from lo, document pieces of the starts in [lo, lo+size)), see doc_pieces."""
+        hi = min(lo + self.size, self.end)
+        toks = self.corpus.tokens(lo, min(hi + self.depth + 1, self.end))
+        return toks, doc_pieces(self.docs, lo, hi)
+
     def read(self, lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens from lo, starts in [lo, lo+size), their document ends)."""
         hi = min(lo + self.size, self.end)
@@ -207,21 +194,69 @@ class _Chunks:
         return toks, starts, ends
 
 
+#: largest k-gram code space that the plan's first pass counts densely (int64 bins)
+_DENSE_BINS = 1 << 22
+
+
 def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
-                 memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
-    """The CountFn for make_plan: one pass (or one Dask map/reduce) per prefix length."""
+                 memory: tuple[np.ndarray, np.ndarray] | None):
+    """The CountFn for make_plan, with compiled counting passes (agpt.trie.native).
+
+    The first call counts every prefix length k <= K (the largest with V**K dense bins that
+    fit _DENSE_BINS) in one pass over the corpus; later lengths (needed only below prefixes
+    that split) take one pass each, counting just the children of the split prefixes. A
+    100 MB corpus at a 1 GB budget needs two passes instead of one per prefix length.
+    memory: (training tokens, document pieces) when the corpus is in memory.
+    """
+    from agpt.trie import native
+
+    K = 1
+    while K < cfg.max_depth and V ** (K + 1) <= _DENSE_BINS:
+        K += 1
+    dense: dict[int, np.ndarray] = {}
+
+    def run(fn) -> list:
+        if memory is not None:
+            return [fn(*memory)]
+        return _compute(cfg, [dask.delayed(lambda lo: fn(*chunks.pieces(lo)))(lo)
+                              for lo in chunks.bounds], "prefix counts")
+
+    def first_pass() -> None:
+        off = np.cumsum([0] + [V ** k for k in range(1, K + 1)]).astype(np.int64)
+
+        def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
+            bins = np.zeros(int(off[-1]), np.int64)
+            native.count_prefixes(toks, *pieces, K, V, bins, off)
+            nz = np.flatnonzero(bins)
+            return nz, bins[nz]
+
+        total = np.zeros(int(off[-1]), np.int64)
+        for nz, cnt in run(one):
+            total[nz] += cnt
+        for k in range(1, K + 1):
+            dense[k] = total[off[k - 1]: off[k]]
 
     def counts(k: int, parents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if memory is not None:
-            toks, starts, ends = memory
-            return _kgram_counts(toks, 0, starts, ends, k, parents, V)
+        if k <= K:
+            if not dense:
+                first_pass()
+            codes = np.flatnonzero(dense[k])
+            if parents is not None:
+                codes = codes[np.isin(codes // V, parents)]
+            return codes.astype(np.int64), dense[k][codes]
+        par = np.asarray(parents, dtype=np.int64)
 
-        def one(lo: int) -> tuple[np.ndarray, np.ndarray]:
-            toks, starts, ends = chunks.read(lo)
-            return _kgram_counts(toks, lo, starts, ends, k, parents, V)
+        def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
+            bins = np.zeros(len(par) * V, np.int64)
+            native.count_children(toks, *pieces, k, V, par, bins)
+            nz = np.flatnonzero(bins)
+            return nz, bins[nz]
 
-        parts = _compute(cfg, [dask.delayed(one)(lo) for lo in chunks.bounds], f"prefix counts k={k}")
-        return _merge_counts(parts)
+        total = np.zeros(len(par) * V, np.int64)
+        for nz, cnt in run(one):
+            total[nz] += cnt
+        nz = np.flatnonzero(total)
+        return par[nz // V] * V + nz % V, total[nz]
 
     return counts
 
@@ -279,35 +314,65 @@ def _memory_task(tokens, order_starts, order_ends, order_pid, lo: int, hi: int, 
 
 # -- out-of-core: bucket spills and staged results --------------------------------------------
 
-def _pid_dtype(n_partitions: int) -> np.dtype:
-    """Narrowest signed dtype for partition ids (int16 sorts by radix, in linear time)."""
-    return np.dtype(np.int16 if n_partitions < np.iinfo(np.int16).max else np.int32)
-
-
 def _klen_dtype(depth: int) -> np.dtype:
     return np.dtype(np.uint8 if depth + 1 <= np.iinfo(np.uint8).max else np.int16)
 
 
-def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, V: int, cfg: BuildConfig, out: str) -> str:
-    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, ptr.npy."""
+def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, tables: tuple, V: int, cfg: BuildConfig,
+                  out: str) -> str:
+    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, ptr.npy.
+
+    Two compiled passes: partition ids from the plan's lookup (`assign_tables`), then every
+    key written straight from the tokens into its partition's rows (NumPy's row gather and
+    argsort by partition cost several times more)."""
+    from agpt.trie import native
+
     done = os.path.join(out, "done")
     if os.path.exists(done):
         return out
-    toks, starts, ends = chunks.read(lo)
-    klen0 = np.minimum(ends - starts, cfg.max_depth + 1)
-    pid = assign_partitions(plan, toks, starts - lo, klen0).astype(_pid_dtype(plan.n_partitions))
-    keep = np.flatnonzero(pid >= 0)
-    o = keep[np.argsort(pid[keep], kind="stable")]
-    starts, ends, pid = starts[o], ends[o], pid[o]
-    del o, keep, klen0
-    keys, klen = gather_keys(toks, starts, ends, cfg.max_depth, V, offset=lo)
+    toks, pieces = chunks.pieces(lo)
+    n = int((pieces[1] - pieces[0]).sum())
+    pid = np.empty(n, np.int32)
+    native.assign_pieces(toks, *pieces, *tables, V, cfg.max_depth, pid)
+    ptr = np.zeros(plan.n_partitions + 1, np.int64)
+    np.cumsum(np.bincount(pid[pid >= 0], minlength=plan.n_partitions), out=ptr[1:])
+    keys = np.empty((int(ptr[-1]), cfg.max_depth + 1), key_dtype(V))
+    klen = np.empty(int(ptr[-1]), _klen_dtype(cfg.max_depth))
+    native.scatter_keys(toks, *pieces, pid, ptr, cfg.max_depth, keys, klen)
+    del pid, toks
     os.makedirs(out, exist_ok=True)
     np.save(os.path.join(out, "keys.npy"), keys)
-    np.save(os.path.join(out, "klen.npy"), klen.astype(_klen_dtype(cfg.max_depth)))
-    np.save(os.path.join(out, "ptr.npy"),
-            np.searchsorted(pid, np.arange(plan.n_partitions + 1)).astype(np.int64))
+    np.save(os.path.join(out, "klen.npy"), klen)
+    np.save(os.path.join(out, "ptr.npy"), ptr)
     Path(done).touch()
     return out
+
+
+def assign_tables(plan: Plan) -> tuple[np.ndarray, ...]:
+    """The plan's prefix lookup for native.assign_pieces: a dense table per prefix length
+    whose code space is small (as plan.assign uses), sorted codes with values otherwise."""
+    V = plan.vocab_size
+    dense, dense_off, codes, vals, code_off = [], [], [], [], [0]
+    at = 0
+    for k, (pc, ids, split) in enumerate(plan.code_levels(), 1):
+        c = np.concatenate((pc, split)).astype(np.int64)
+        v = np.concatenate((ids, np.full(len(split), -2))).astype(np.int32)
+        if V ** k <= _LUT_MAX:
+            t = np.full(V ** k, -1, np.int32)
+            t[c] = v
+            dense.append(t)
+            dense_off.append(at)
+            at += V ** k
+            code_off.append(code_off[-1])
+        else:
+            o = np.argsort(c)
+            codes.append(c[o])
+            vals.append(v[o])
+            dense_off.append(-1)
+            code_off.append(code_off[-1] + len(c))
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return (cat(dense, np.int32), np.array(dense_off, np.int64), cat(codes, np.int64),
+            cat(vals, np.int32), np.array(code_off, np.int64))
 
 
 def _read_rows(path: str, a: int, z: int, out: np.ndarray) -> None:
@@ -516,7 +581,8 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         toks = corpus.train_tokens()
         starts, ends = _starts(chunks.docs, 0, n_train)
         memory = (toks, starts, ends)
-    plan = make_plan(cfg.partition, _plan_counts(chunks, cfg, V, memory), V, D, budget)
+    plan_memory = (memory[0], doc_pieces(chunks.docs, 0, n_train)) if memory else None
+    plan = make_plan(cfg.partition, _plan_counts(chunks, cfg, V, plan_memory), V, D, budget)
     if plan.n_partitions == 0:
         raise AgptError(f"{corpus_url} has no training start positions (fewer than 2 tokens per document)")
     biggest = int(plan.sizes.max())
@@ -556,7 +622,8 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         _check_layout(work)
         _log(cfg, f"work dir {work}")
         bdir = os.path.join(work, "buckets")
-        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, V, cfg,
+        tables = assign_tables(plan)
+        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, tables, V, cfg,
                                                          os.path.join(bdir, f"{i:06d}"))
                  for i, lo in enumerate(chunks.bounds)]
         buckets = _compute(cfg, bjobs, "bucket")

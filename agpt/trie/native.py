@@ -509,3 +509,100 @@ def warm_up(key_dtype: np.dtype, klen_dtype: np.dtype, token_dtype: np.dtype, de
     klen = np.array([1, depth + 1, depth + 1], klen_dtype)
     sk = sort_keys(keys, klen, None, np.zeros(3, np.int32), np.zeros(1, np.int16))
     radix_from_keys(sk, np.dtype(token_dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Plan and bucket passes over token chunks
+# --------------------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def count_prefixes(tokens, seg_lo, seg_hi, seg_end, kmax, V, bins, bin_off):
+    """Add the counts of the k-grams (k = 1..kmax) that begin at every start position.
+
+    Starts are tokens[seg_lo[s]:seg_hi[s]] of each document piece s, whose document ends at
+    seg_end[s] (a k-gram must fit in it); the k-gram with base-V code c is counted in
+    bins[bin_off[k-1] + c]. One pass counts every level (the plan needs them all).
+    """
+    for s in range(seg_lo.shape[0]):
+        for i in range(seg_lo[s], seg_hi[s]):
+            L = min(seg_end[s] - i, kmax)
+            code = 0
+            for k in range(L):
+                code = code * V + tokens[i + k]
+                bins[bin_off[k] + code] += 1
+
+
+@njit(nogil=True, cache=True)
+def count_children(tokens, seg_lo, seg_hi, seg_end, k, V, parents, bins):
+    """Add the counts of the k-grams that begin at every start and extend one of `parents`
+    (sorted codes of (k-1)-grams): the k-gram (parents[j], t) is counted in bins[j * V + t]."""
+    n_par = parents.shape[0]
+    if n_par == 0:
+        return
+    for s in range(seg_lo.shape[0]):
+        for i in range(seg_lo[s], min(seg_hi[s], seg_end[s] - k + 1)):
+            code = 0
+            for j in range(k - 1):
+                code = code * V + tokens[i + j]
+            j = np.searchsorted(parents, code)
+            if j < n_par and parents[j] == code:
+                bins[j * V + tokens[i + k - 1]] += 1
+
+
+@njit(nogil=True, cache=True)
+def assign_pieces(tokens, seg_lo, seg_hi, seg_end, dense, dense_off, codes, vals, code_off,
+                  V, depth, pid):
+    """Partition id of every start (in piece order), as plan.assign computes it.
+
+    Prefix length k (1 <= k <= len(code_off) - 1) is looked up in a dense table when
+    dense_off[k-1] >= 0: dense[dense_off[k-1] + code]; otherwise by binary search in the
+    sorted codes[code_off[k-1]:code_off[k]] with values vals[...]. A value is the partition
+    id, -2 for a split prefix (read one more token) or -1 (no partition: the start ends in
+    the spine, or the prefix is absent).
+    """
+    kmax = code_off.shape[0] - 1
+    at = 0
+    for s in range(seg_lo.shape[0]):
+        for i in range(seg_lo[s], seg_hi[s]):
+            L = min(seg_end[s] - i, depth + 1)
+            code = 0
+            r = -1
+            for k in range(1, kmax + 1):
+                if L < k:
+                    r = -1
+                    break
+                code = code * V + tokens[i + k - 1]
+                if dense_off[k - 1] >= 0:
+                    r = dense[dense_off[k - 1] + code]
+                else:
+                    a, b = code_off[k - 1], code_off[k]
+                    j = a + np.searchsorted(codes[a:b], code)
+                    r = vals[j] if j < b and codes[j] == code else -1
+                if r != -2:
+                    break
+            pid[at] = r if r >= 0 else -1
+            at += 1
+
+
+@njit(nogil=True, cache=True)
+def scatter_keys(tokens, seg_lo, seg_hi, seg_end, pid, ptr, depth, keys, klen):
+    """Write each start's key (tokens + 1, 0 past its document's end) and real length to the
+    rows of its partition: partition p gets rows ptr[p] .. ptr[p+1]-1, in start order."""
+    w = depth + 1
+    fill = ptr[:-1].copy()
+    at = 0
+    for s in range(seg_lo.shape[0]):
+        for i in range(seg_lo[s], seg_hi[s]):
+            p = pid[at]
+            at += 1
+            if p < 0:
+                continue
+            r = fill[p]
+            fill[p] = r + 1
+            L = min(seg_end[s] - i, w)
+            for c in range(L):
+                keys[r, c] = tokens[i + c] + 1
+            for c in range(L, w):
+                keys[r, c] = 0
+            klen[r] = L
