@@ -29,12 +29,13 @@ def test_radix_argsort_u64(n: int, spread: int) -> None:
     rng = np.random.default_rng(n + spread % 1000)
     val = rng.integers(0, spread, n, dtype=np.uint64) + np.uint64(12345)
     ref = np.sort(val)
-    v, o = val.copy(), np.arange(n, dtype=np.int32)
-    v2, o2 = np.empty_like(v), np.empty_like(o)
-    if native._argsort_u64(v, o, v2, o2):
-        v, o = v2, o2
+    v, o, pay = val.copy(), np.arange(n, dtype=np.int32), val * np.uint64(3)
+    v2, o2, p2 = np.empty_like(v), np.empty_like(o), np.empty_like(pay)
+    if native._argsort_u64(v, o, pay, v2, o2, p2):
+        v, o, pay = v2, o2, p2
     np.testing.assert_array_equal(v, ref)
     np.testing.assert_array_equal(val[o], ref)
+    np.testing.assert_array_equal(pay, ref * np.uint64(3))  # the payload travels along
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 17, 300, 4000])

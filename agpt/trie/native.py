@@ -32,11 +32,11 @@ def digits_per_word(base: int) -> int:
 
 
 @njit(nogil=True, cache=True)
-def _argsort_u64(val, order, val2, order2):
-    """Sort `val` (in place, carrying `order` along) with an LSD radix sort on 8-bit digits;
-    digits equal for every element are skipped, so a narrow value range costs few passes.
-    val2/order2 are scratch of the same size. Returns True when the sorted values and order
-    ended up in val2/order2 (an odd number of passes) rather than in val/order."""
+def _argsort_u64(val, order, pay, val2, order2, pay2):
+    """Sort `val` in place with an LSD radix sort on 11-bit digits, carrying `order` and
+    `pay` along; digits equal for every element are skipped, so a narrow value range costs
+    few passes. val2/order2/pay2 are scratch of the same size. Returns True when the result
+    ended up in the scratch arrays (an odd number of passes)."""
     n = val.shape[0]
     if n < 2:
         return False
@@ -44,19 +44,19 @@ def _argsort_u64(val, order, val2, order2):
     for i in range(n):
         if val[i] < lo:
             lo = val[i]
+    nd = 6
+    hist = np.zeros((nd, 2048), np.int64)
     for i in range(n):
-        val[i] -= lo
-    hist = np.zeros((8, 256), np.int64)
-    for i in range(n):
-        x = val[i]
-        for d in range(8):
-            hist[d, (x >> np.uint64(8 * d)) & np.uint64(255)] += 1
-    off = np.empty(256, np.int64)
+        x = val[i] - lo
+        val[i] = x
+        for d in range(nd):
+            hist[d, (x >> np.uint64(11 * d)) & np.uint64(2047)] += 1
+    off = np.empty(2048, np.int64)
     swapped = False
-    for d in range(8):
+    for d in range(nd):
         h = hist[d]
         skip = False
-        for c in range(256):
+        for c in range(2048):
             if h[c] == n:
                 skip = True
                 break
@@ -65,19 +65,21 @@ def _argsort_u64(val, order, val2, order2):
         if skip:
             continue
         acc = 0
-        for c in range(256):
+        for c in range(2048):
             off[c] = acc
             acc += h[c]
-        sh = np.uint64(8 * d)
+        sh = np.uint64(11 * d)
         for i in range(n):
             x = val[i]
-            c = (x >> sh) & np.uint64(255)
+            c = (x >> sh) & np.uint64(2047)
             k = off[c]
             off[c] = k + 1
             val2[k] = x
             order2[k] = order[i]
+            pay2[k] = pay[i]
         val, val2 = val2, val
         order, order2 = order2, order
+        pay, pay2 = pay2, pay
         swapped = not swapped
     for i in range(n):
         val[i] += lo
@@ -154,19 +156,55 @@ def sort_segments(keys: np.ndarray, seg_id: np.ndarray, seg_depth: np.ndarray, b
     """
     m = keys.shape[0]
     order = np.empty(m, np.int32)
-    scratch = (np.empty(m, np.uint64), np.empty(m, np.uint64), np.empty(m, np.int32))
-    seg_ptr = _sort_segments(keys, seg_id, seg_depth, base, per_word, order, *scratch)
+    bufs = (np.empty(m, np.uint64), np.empty(m, np.uint64), np.empty(m, np.uint64),
+            np.empty(m, np.uint64), np.empty(m, np.int32))
+    seg_ptr = _sort_segments(keys, seg_id, seg_depth, base, per_word, order, *bufs)
     return order, seg_ptr
 
 
 @njit(nogil=True, cache=True)
-def _sort_segments(keys, seg_id, seg_depth, base, per_word, order, word, word2, order2):
+def _refine_group(keys, order, word, lo, hi, col, per_word, b, st_lo, st_hi, st_col):
+    """Sort rows order[lo:hi] (equal in their columns before `col`) by columns col.., one
+    packed word at a time, depth first; word[lo:hi] is scratch."""
+    w = keys.shape[1]
+    top = 0
+    st_lo[0], st_hi[0], st_col[0] = lo, hi, col
+    while top >= 0:
+        lo, hi, col = st_lo[top], st_hi[top], st_col[top]
+        top -= 1
+        col1 = min(col + per_word, w)
+        for k in range(lo, hi):
+            word[k] = _pack(keys, order[k], col, col1, b)
+        _qsort_pairs(word, order, lo, hi)
+        if col1 >= w:
+            continue
+        k = lo
+        while k < hi:
+            q = k + 1
+            while q < hi and word[q] == word[k]:
+                q += 1
+            if q - k > 1:
+                if top + 1 == st_lo.shape[0]:
+                    st_lo = np.concatenate((st_lo, st_lo))
+                    st_hi = np.concatenate((st_hi, st_hi))
+                    st_col = np.concatenate((st_col, st_col))
+                top += 1
+                st_lo[top], st_hi[top], st_col[top] = k, q, col1
+            k = q
+    return st_lo, st_hi, st_col
+
+
+@njit(nogil=True, cache=True)
+def _sort_segments(keys, seg_id, seg_depth, base, per_word, order, word, word1, word_s,
+                   word1_s, order_s):
     """Row order sorting the keys by (segment, key); ties are equal rows (order unspecified).
 
-    Rows are grouped by segment (counting sort), then each segment is sorted by its first
-    word, the `per_word` columns after its common prefix (seg_depth) as one base-`base`
-    number, with a radix sort; only runs of equal words are refined by the next word, and
-    so on. Fills `order`, returns seg_ptr.
+    Rows are grouped by segment (counting sort). In each segment the first two words (the
+    `per_word` columns after the segment's common prefix, seg_depth, and the next ones, as
+    base-`base` numbers) are packed in row order; the rows are radix-sorted by the first
+    word carrying the second along, runs of equal first words are sorted by the second
+    (sequential memory), and only runs still tied read further columns. Fills `order`
+    (word* are scratch), returns seg_ptr.
     """
     m, w = keys.shape
     n_seg = seg_depth.shape[0]
@@ -197,46 +235,38 @@ def _sort_segments(keys, seg_id, seg_depth, base, per_word, order, word, word2, 
                     c0 = c
                     break
         c1 = min(c0 + per_word, w)
+        c2 = min(c1 + per_word, w)
         for k in range(a, z):
-            word[k] = _pack(keys, order[k], c0, c1, b)
+            r = order[k]
+            word[k] = _pack(keys, r, c0, c1, b)
+            word1[k] = _pack(keys, r, c1, c2, b)
         if z - a <= 64:
-            _qsort_pairs(word, order, a, z)
-        else:
-            if _argsort_u64(word[a:z], order[a:z], word2[a:z], order2[a:z]):
-                word[a:z] = word2[a:z]
-                order[a:z] = order2[a:z]
+            st_lo, st_hi, st_col = _refine_group(keys, order, word, a, z, c0, per_word, b,
+                                                 st_lo, st_hi, st_col)
+            continue
+        if _argsort_u64(word[a:z], order[a:z], word1[a:z], word_s[a:z], order_s[a:z],
+                        word1_s[a:z]):
+            word[a:z] = word_s[a:z]
+            order[a:z] = order_s[a:z]
+            word1[a:z] = word1_s[a:z]
         if c1 >= w:
             continue
-        # refine runs of equal words by the next word, depth first
         i = a
-        while i < z:
+        while i < z:  # runs of equal first words: sort by the second, then refine ties
             j = i + 1
             while j < z and word[j] == word[i]:
                 j += 1
             if j - i > 1:
-                top = 0
-                st_lo[0], st_hi[0], st_col[0] = i, j, c1
-                while top >= 0:
-                    lo, hi, col = st_lo[top], st_hi[top], st_col[top]
-                    top -= 1
-                    col1 = min(col + per_word, w)
-                    for k in range(lo, hi):
-                        word2[k] = _pack(keys, order[k], col, col1, b)
-                    _qsort_pairs(word2, order, lo, hi)
-                    if col1 >= w:
-                        continue
-                    k = lo
-                    while k < hi:
+                _qsort_pairs(word1, order, i, j)
+                if c2 < w:
+                    k = i
+                    while k < j:
                         q = k + 1
-                        while q < hi and word2[q] == word2[k]:
+                        while q < j and word1[q] == word1[k]:
                             q += 1
                         if q - k > 1:
-                            if top + 1 == st_lo.shape[0]:
-                                st_lo = np.concatenate((st_lo, st_lo))
-                                st_hi = np.concatenate((st_hi, st_hi))
-                                st_col = np.concatenate((st_col, st_col))
-                            top += 1
-                            st_lo[top], st_hi[top], st_col[top] = k, q, col1
+                            st_lo, st_hi, st_col = _refine_group(
+                                keys, order, word_s, k, q, c2, per_word, b, st_lo, st_hi, st_col)
                         k = q
             i = j
     return seg_ptr
