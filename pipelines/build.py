@@ -34,6 +34,7 @@ from agpt.trie.keys import gather_keys, key_dtype, sort_keys
 from agpt.trie.plan import _LUT_MAX, Plan, make_plan, partition_ranges
 from agpt.trie.plan import assign as assign_partitions
 from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
+from pipelines.stage import StagedFile, write_arrays
 
 MAX_DEPTH_LIMIT = 1024
 #: fixed memory kept out of the task budget: the interpreter with numpy, zarr and dask
@@ -172,8 +173,10 @@ def doc_pieces(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarr
 class _Chunks:
     """The training stream cut into token chunks, each read with D+1 tokens of look-ahead."""
 
-    def __init__(self, corpus: CorpusStore, size: int, depth: int):
+    def __init__(self, corpus: CorpusStore, size: int, depth: int,
+                 resident: np.ndarray | None = None):
         self.corpus = corpus
+        self.resident = resident  # the training tokens, when the build keeps them in memory
         self.docs = corpus.train_documents()
         self.end = corpus.train_end
         self.size = size
@@ -183,7 +186,8 @@ class _Chunks:
     def pieces(self, lo: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(tokens from lo, document pieces of the starts in [lo, lo+size)), see doc_pieces."""
         hi = min(lo + self.size, self.end)
-        toks = self.corpus.tokens(lo, min(hi + self.depth + 1, self.end))
+        stop = min(hi + self.depth + 1, self.end)
+        toks = self.resident[lo:stop] if self.resident is not None else self.corpus.tokens(lo, stop)
         return toks, doc_pieces(self.docs, lo, hi)
 
     def read(self, lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -320,7 +324,8 @@ def _klen_dtype(depth: int) -> np.dtype:
 
 def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, tables: tuple, V: int, cfg: BuildConfig,
                   out: str) -> str:
-    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, ptr.npy.
+    """Write one chunk's keys grouped by partition: keys.npy (or pos.npy, positions in the
+    chunk, when the tokens are resident), klen.npy, ptr.npy.
 
     Two compiled passes: partition ids from the plan's lookup (`assign_tables`), then every
     key written straight from the tokens into its partition's rows (NumPy's row gather and
@@ -336,12 +341,18 @@ def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, tables: tuple, V: int, c
     native.assign_pieces(toks, *pieces, *tables, V, cfg.max_depth, pid)
     ptr = np.zeros(plan.n_partitions + 1, np.int64)
     np.cumsum(np.bincount(pid[pid >= 0], minlength=plan.n_partitions), out=ptr[1:])
-    keys = np.empty((int(ptr[-1]), cfg.max_depth + 1), key_dtype(V))
     klen = np.empty(int(ptr[-1]), _klen_dtype(cfg.max_depth))
-    native.scatter_keys(toks, *pieces, pid, ptr, cfg.max_depth, keys, klen)
+    if chunks.resident is not None:  # positions only: tasks read keys from the tokens
+        pos = np.empty(int(ptr[-1]), np.int32)
+        native.scatter_positions(*pieces, pid, ptr, cfg.max_depth, pos, klen)
+        rows = ("pos", pos)
+    else:
+        keys = np.empty((int(ptr[-1]), cfg.max_depth + 1), key_dtype(V))
+        native.scatter_keys(toks, *pieces, pid, ptr, cfg.max_depth, keys, klen)
+        rows = ("keys", keys)
     del pid, toks
     os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "keys.npy"), keys)
+    np.save(os.path.join(out, rows[0] + ".npy"), rows[1])
     np.save(os.path.join(out, "klen.npy"), klen)
     np.save(os.path.join(out, "ptr.npy"), ptr)
     Path(done).touch()
@@ -391,8 +402,10 @@ def _read_rows(path: str, a: int, z: int, out: np.ndarray) -> None:
 
 
 def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V: int,
-                cfg: BuildConfig, layer: str, out: str) -> str:
+                cfg: BuildConfig, layer: str, chunks: _Chunks, out: str) -> str:
     """Build partitions p0..p1-1 from the buckets' slices; stage the result (a directory)."""
+    from agpt.trie import native
+
     if os.path.exists(out):
         return out
     spans = []
@@ -408,8 +421,16 @@ def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V:
     pid = np.empty(m, np.int32)
     at = 0
     for b, a, z, counts in spans:
-        _read_rows(os.path.join(b, "keys.npy"), a, z, keys[at: at + z - a])
         _read_rows(os.path.join(b, "klen.npy"), a, z, klen[at: at + z - a])
+        if chunks.resident is not None:
+            pos = np.empty(z - a, np.int32)
+            _read_rows(os.path.join(b, "pos.npy"), a, z, pos)
+            lo = chunks.bounds[int(os.path.basename(b))]
+            native.gather_keys_at(chunks.resident, lo, pos, klen[at: at + z - a],
+                                  keys[at: at + z - a])
+            del pos
+        else:
+            _read_rows(os.path.join(b, "keys.npy"), a, z, keys[at: at + z - a])
         pid[at: at + z - a] = np.repeat(np.arange(p1 - p0, dtype=np.int32), counts)
         at += z - a
     inputs = [keys, klen, pid]
@@ -470,8 +491,9 @@ _LEVEL_DTYPES = dict.fromkeys(("parent", "mass", "count_ptr", "count_value", "pa
 
 
 def _save_result(res: TaskResult, path: str) -> None:
-    """Stage a task result as a directory of .npy files (no compression, no zip checksums:
-    the writer reads it straight back, compresses and checksums once into the store)."""
+    """Stage a task result (pipelines/stage.py: raw arrays, direct I/O; no compression, no
+    checksums: the writer reads it straight back, compresses and checksums once into the
+    store)."""
     arrays = {f"r_{f}": getattr(res.radix, f) for f in _RADIX_FIELDS}
     if res.leveled is not None:
         for k, L in enumerate(res.leveled, 1):
@@ -481,8 +503,7 @@ def _save_result(res: TaskResult, path: str) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, a in arrays.items():
-        np.save(os.path.join(tmp, name + ".npy"), _narrow(np.ascontiguousarray(a)))
+    write_arrays(tmp, {name: _narrow(np.ascontiguousarray(a)) for name, a in arrays.items()})
     os.replace(tmp, path)  # a staged piece exists only once it is whole
 
 
@@ -498,21 +519,22 @@ def _widen(a: np.ndarray, like: np.dtype) -> np.ndarray:
 
 
 class _Staged:
-    """Lazy view of a staged task result (reads only the arrays asked for, memory-mapped)."""
+    """Lazy view of a staged task result (reads only the arrays asked for)."""
 
     def __init__(self, path: str):
         self.path = path
+        self.file = StagedFile(path)
 
     def _get(self, name: str, dtype: np.dtype | None = None) -> np.ndarray:
-        a = np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r", allow_pickle=False)
+        a = self.file.read(name)
         return a if dtype is None else _widen(a, np.dtype(dtype))
 
     def radix(self) -> RadixTrie:
         return RadixTrie(*(self._get(f"r_{f}", _RADIX_DTYPES.get(f)) for f in _RADIX_FIELDS))
 
     def radix_sizes(self) -> tuple[int, int, int]:
-        return (len(self._get("r_parent")), len(self._get("r_edge_tokens")),
-                len(self._get("r_count_value")))
+        return (self.file.length("r_parent"), self.file.length("r_edge_tokens"),
+                self.file.length("r_count_value"))
 
     def level(self, k: int) -> LeveledDepth:
         return LeveledDepth(*(self._get(f"l{k}_{f}", _LEVEL_DTYPES.get(f)) for f in _LEVEL_FIELDS))
@@ -575,7 +597,18 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
 
     chunk = cfg.chunk_tokens or max(1 << 16, min(1 << 24, (cfg.memory_limit - BASE_BYTES)
                                                  // (cfg.workers * (per_key + 16))))
-    chunks = _Chunks(corpus, chunk, D)
+    # Out of core, the training tokens stay in memory when they are a small part of the
+    # budget (threads share them): buckets then hold 4-byte positions instead of (D+1)-token
+    # keys, a tenth of the spill I/O, and tasks read their keys from the tokens. The tasks'
+    # share of the budget shrinks by the tokens' size (the partitions stay the same).
+    token_bytes = n_train * corpus.dtype.itemsize
+    resident = (not in_memory and cfg.scheduler == "threads"
+                and token_bytes <= (cfg.memory_limit - BASE_BYTES) // 6)
+    if resident and not cfg.task_keys:
+        task_cap = max(1, (cfg.memory_limit - BASE_BYTES - token_bytes) // (cfg.workers * per_key))
+    else:
+        task_cap = task_keys
+    chunks = _Chunks(corpus, chunk, D, corpus.train_tokens() if resident else None)
     memory = None
     if in_memory:
         toks = corpus.train_tokens()
@@ -596,7 +629,7 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
     if writer.fresh or "partitions" not in writer.meta:
         writer.write_plan(plan)
     prefix_len = np.array([len(p) for p in plan.prefixes], dtype=np.int16)
-    tasks_ranges = _group_tasks(plan.sizes, task_keys, cfg.workers if in_memory else 1)
+    tasks_ranges = _group_tasks(plan.sizes, task_cap, cfg.workers if in_memory else 1)
     _log(cfg, f"{plan.n_partitions} {cfg.partition} partitions, {len(plan.spine_depth)} spine "
               f"nodes, {len(tasks_ranges)} build tasks ({'in memory' if in_memory else 'spilled to disk'})")
 
@@ -619,7 +652,7 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         work = None
     else:
         work = _work_dir(cfg, out_url, corpus, writer.params, chunk)
-        _check_layout(work)
+        _check_layout(work, "tokens" if resident else "keys")
         _log(cfg, f"work dir {work}")
         bdir = os.path.join(work, "buckets")
         tables = assign_tables(plan)
@@ -630,7 +663,7 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         sdir = os.path.join(work, f"stage-{layer}")
         os.makedirs(sdir, exist_ok=True)
         jobs = [dask.delayed(_spill_task, pure=False)(buckets, a, b, prefix_len[a:b], V, cfg, layer,
-                                                      os.path.join(sdir, f"{i:06d}"))
+                                                      chunks, os.path.join(sdir, f"{i:06d}"))
                 for i, (a, b) in enumerate(tasks_ranges)]
         staged = [_Staged(p) for p in _compute(cfg, jobs, "build")]
         radix_pieces = (s.radix() for s in staged)
@@ -681,22 +714,24 @@ def _radix_totals(pieces) -> dict[str, int]:
 
 
 #: layout of the bucket and stage files; a work dir of another layout is never reused
-_SPILL_LAYOUT = 2
+_SPILL_LAYOUT = 4
 
 
-def _check_layout(work: str) -> None:
-    """Start the work dir afresh when it was left by a build with another file layout."""
+def _check_layout(work: str, mode: str) -> None:
+    """Start the work dir afresh when it was left by a build with another file layout (or
+    bucket mode: keys, or positions into resident tokens)."""
     mark = os.path.join(work, "layout")
+    want = f"{_SPILL_LAYOUT} {mode}"
     try:
         with open(mark) as f:
-            ok = f.read().strip() == str(_SPILL_LAYOUT)
+            ok = f.read().strip() == want
     except OSError:
         ok = False
     if not ok:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work, exist_ok=True)
         with open(mark, "w") as f:
-            f.write(str(_SPILL_LAYOUT))
+            f.write(want)
 
 
 def _work_dir(cfg: BuildConfig, out_url: str, corpus: CorpusStore, params: dict, chunk: int) -> str:

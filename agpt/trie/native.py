@@ -636,3 +636,36 @@ def scatter_keys(tokens, seg_lo, seg_hi, seg_end, pid, ptr, depth, keys, klen):
             for c in range(L, w):
                 keys[r, c] = 0
             klen[r] = L
+
+
+@njit(nogil=True, cache=True)
+def scatter_positions(seg_lo, seg_hi, seg_end, pid, ptr, depth, pos, klen):
+    """As scatter_keys, but write each start's position (relative to the chunk) and real key
+    length instead of its key: for builds that keep the training tokens in memory."""
+    w = depth + 1
+    fill = ptr[:-1].copy()
+    at = 0
+    for s in range(seg_lo.shape[0]):
+        for i in range(seg_lo[s], seg_hi[s]):
+            p = pid[at]
+            at += 1
+            if p < 0:
+                continue
+            r = fill[p]
+            fill[p] = r + 1
+            pos[r] = i
+            klen[r] = min(seg_end[s] - i, w)
+
+
+@njit(nogil=True, cache=True)
+def gather_keys_at(tokens, base, pos, klen, keys):
+    """keys[r] = tokens[base + pos[r] : ...][:klen[r]] + 1, zero-padded (the rows of
+    scatter_positions, read back from the resident tokens in ascending position order)."""
+    w = keys.shape[1]
+    for r in range(pos.shape[0]):
+        i = base + pos[r]
+        L = klen[r]
+        for c in range(L):
+            keys[r, c] = tokens[i + c] + 1
+        for c in range(L, w):
+            keys[r, c] = 0
