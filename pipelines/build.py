@@ -530,7 +530,11 @@ class _Staged:
         return a if dtype is None else _widen(a, np.dtype(dtype))
 
     def radix(self) -> RadixTrie:
-        return RadixTrie(*(self._get(f"r_{f}", _RADIX_DTYPES.get(f)) for f in _RADIX_FIELDS))
+        return RadixTrie(*(self.column(f) for f in _RADIX_FIELDS))
+
+    def column(self, field: str) -> np.ndarray:
+        """One radix array, in the dtype RadixTrie has (staged int32 arrays are widened)."""
+        return self._get(f"r_{field}", _RADIX_DTYPES.get(field))
 
     def radix_sizes(self) -> tuple[int, int, int]:
         return (self.file.length("r_parent"), self.file.length("r_edge_tokens"),
@@ -666,19 +670,20 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
                                                       chunks, os.path.join(sdir, f"{i:06d}"))
                 for i, (a, b) in enumerate(tasks_ranges)]
         staged = [_Staged(p) for p in _compute(cfg, jobs, "build")]
-        radix_pieces = (s.radix() for s in staged)
         level_of = [s.level for s in staged]
         sizes = [s.depth_sizes() for s in staged] if layer == "leveled" else []
 
     _log(cfg, f"writing the {layer} layer")
     if layer == "radix":
         if in_memory:
-            totals = _radix_totals(radix_pieces)
+            totals = writer.write_radix(radix_pieces, _radix_totals(radix_pieces))
         else:
-            sz = np.array([s.radix_sizes() for s in staged], dtype=np.int64).reshape(-1, 3)
-            totals = dict(zip(("nodes", "edge_tokens", "counts"), map(int, sz.sum(axis=0)),
-                              strict=True))
-        totals = writer.write_radix(radix_pieces, totals)
+            sz = [s.radix_sizes() for s in staged]
+            totals = dict(zip(("nodes", "edge_tokens", "counts"),
+                              map(int, np.array(sz, np.int64).reshape(-1, 3).sum(axis=0)), strict=True))
+            totals = writer.write_radix_columns(
+                len(staged), lambda i, f: staged[i].column(f), sz,
+                [staged[i].column("part_ptr") for i in range(len(staged))], totals)
     else:
         ds = np.stack([s[0] for s in sizes])
         cs = np.stack([s[1] for s in sizes])
