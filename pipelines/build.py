@@ -33,7 +33,7 @@ from agpt.store.trie import TrieWriter
 from agpt.trie.keys import gather_keys, key_dtype, sort_keys
 from agpt.trie.plan import _LUT_MAX, Plan, make_plan, partition_ranges
 from agpt.trie.plan import assign as assign_partitions
-from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
+from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys, ranges
 from pipelines.stage import StagedFile, write_arrays
 
 MAX_DEPTH_LIMIT = 1024
@@ -198,6 +198,22 @@ class _Chunks:
         return toks, starts, ends
 
 
+def _count_prefixes_numpy(toks: np.ndarray, pieces: tuple[np.ndarray, ...], K: int, V: int,
+                          bins: np.ndarray, off: np.ndarray) -> None:
+    """native.count_prefixes in NumPy (for in-memory corpora, which are planned before the
+    compiled kernels have loaded)."""
+    seg_lo, seg_hi, seg_end = pieces
+    n = seg_hi - seg_lo
+    starts = ranges(seg_lo, n)
+    room = np.repeat(seg_end, n) - starts
+    code = np.zeros(len(starts), np.int64)
+    for k in range(1, K + 1):
+        ok = room >= k
+        starts, room, code = starts[ok], room[ok], code[ok]
+        code = code * V + toks[starts + (k - 1)]
+        bins[off[k - 1]: off[k]] += np.bincount(code, minlength=V ** k)
+
+
 #: largest k-gram code space that the plan's first pass counts densely (int64 bins)
 _DENSE_BINS = 1 << 22
 
@@ -212,8 +228,6 @@ def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
     100 MB corpus at a 1 GB budget needs two passes instead of one per prefix length.
     memory: (training tokens, document pieces) when the corpus is in memory.
     """
-    from agpt.trie import native
-
     K = 1
     while K < cfg.max_depth and V ** (K + 1) <= _DENSE_BINS:
         K += 1
@@ -230,7 +244,11 @@ def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
 
         def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
             bins = np.zeros(int(off[-1]), np.int64)
-            native.count_prefixes(toks, *pieces, K, V, bins, off)
+            if memory is not None:  # small corpus: NumPy, no numba start-up on this thread
+                _count_prefixes_numpy(toks, pieces, K, V, bins, off)
+            else:
+                from agpt.trie import native
+                native.count_prefixes(toks, *pieces, K, V, bins, off)
             nz = np.flatnonzero(bins)
             return nz, bins[nz]
 
@@ -251,6 +269,8 @@ def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
         par = np.asarray(parents, dtype=np.int64)
 
         def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
+            from agpt.trie import native
+
             bins = np.zeros(len(par) * V, np.int64)
             native.count_children(toks, *pieces, k, V, par, bins)
             nz = np.flatnonzero(bins)
