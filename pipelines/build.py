@@ -342,8 +342,8 @@ def _klen_dtype(depth: int) -> np.dtype:
     return np.dtype(np.uint8 if depth + 1 <= np.iinfo(np.uint8).max else np.int16)
 
 
-def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, tables: tuple, V: int, cfg: BuildConfig,
-                  out: str) -> str:
+def _bucket_chunk(chunks: _Chunks, lo: int, n_partitions: int, tables: tuple, V: int,
+                  cfg: BuildConfig, out: str) -> str:
     """Write one chunk's keys grouped by partition: keys.npy (or pos.npy, positions in the
     chunk, when the tokens are resident), klen.npy, ptr.npy.
 
@@ -359,8 +359,8 @@ def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, tables: tuple, V: int, c
     n = int((pieces[1] - pieces[0]).sum())
     pid = np.empty(n, np.int32)
     native.assign_pieces(toks, *pieces, *tables, V, cfg.max_depth, pid)
-    ptr = np.zeros(plan.n_partitions + 1, np.int64)
-    np.cumsum(np.bincount(pid[pid >= 0], minlength=plan.n_partitions), out=ptr[1:])
+    ptr = np.zeros(n_partitions + 1, np.int64)
+    np.cumsum(np.bincount(pid[pid >= 0], minlength=n_partitions), out=ptr[1:])
     klen = np.empty(int(ptr[-1]), _klen_dtype(cfg.max_depth))
     if chunks.resident is not None:  # positions only: tasks read keys from the tokens
         pos = np.empty(int(ptr[-1]), np.int32)
@@ -679,9 +679,10 @@ def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         _check_layout(work, "tokens" if resident else "keys")
         _log(cfg, f"work dir {work}")
         bdir = os.path.join(work, "buckets")
+        # not the plan itself: dask walks a dataclass argument's fields, 10 ms per task here
         tables = assign_tables(plan)
-        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, tables, V, cfg,
-                                                         os.path.join(bdir, f"{i:06d}"))
+        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan.n_partitions, tables,
+                                                         V, cfg, os.path.join(bdir, f"{i:06d}"))
                  for i, lo in enumerate(chunks.bounds)]
         buckets = _compute(cfg, bjobs, "bucket")
         sdir = os.path.join(work, f"stage-{layer}")
