@@ -31,9 +31,10 @@ from agpt.errors import AgptError
 from agpt.store.corpus import CorpusStore, open_corpus
 from agpt.store.trie import TrieWriter
 from agpt.trie.keys import gather_keys, key_dtype, sort_keys
-from agpt.trie.plan import Plan, make_plan, partition_ranges
+from agpt.trie.plan import _LUT_MAX, Plan, make_plan, partition_ranges
 from agpt.trie.plan import assign as assign_partitions
-from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys
+from agpt.trie.radix import LeveledDepth, RadixTrie, expand, prune, radix_from_keys, ranges
+from pipelines.stage import StagedFile, write_arrays
 
 MAX_DEPTH_LIMIT = 1024
 #: fixed memory kept out of the task budget: the interpreter with numpy, zarr and dask
@@ -155,49 +156,39 @@ def _starts(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(out), np.concatenate(ends)
 
 
-def _kgram_counts(tokens: np.ndarray, offset: int, starts: np.ndarray, doc_end: np.ndarray,
-                  k: int, parents: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of the k-grams that begin at `starts` (ascending, fully inside their document)."""
-    rel = starts[doc_end - starts >= k] - offset
-    if rel.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    n = int(rel[-1]) + 1
-    # (k-1)-gram codes of every position below n from contiguous slices, then the starts'
-    pc = np.zeros(n, dtype=np.int64)
-    for j in range(k - 1):
-        pc *= V
-        pc += tokens[j: j + n]
-    pc = pc if len(rel) == n else pc[rel]
-    if parents is not None:
-        i = np.minimum(np.searchsorted(parents, pc), len(parents) - 1)
-        hit = parents[i] == pc
-        rel, pc = rel[hit], pc[hit]
-    code = pc * V + tokens[rel + (k - 1)]
-    del pc
-    if V ** k <= max(1 << 22, 4 * len(code)):  # small code space: count in linear time
-        cnt = np.bincount(code, minlength=V ** k)
-        u = np.flatnonzero(cnt)
-        return u.astype(np.int64), cnt[u].astype(np.int64)
-    return np.unique(code, return_counts=True)
-
-
-def _merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    codes = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
-    cnt = np.concatenate([n for _, n in parts]) if parts else np.zeros(0, np.int64)
-    u, inv = np.unique(codes, return_inverse=True)
-    return u, np.bincount(inv, weights=cnt, minlength=len(u)).astype(np.int64)
+def doc_pieces(docs: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The start positions in [lo, hi) as document pieces, relative to lo: starts
+    seg_lo[s] .. seg_hi[s]-1 lie in a document that ends at seg_end[s] (a start needs a
+    successor, so a document [a, b) has starts a .. b-2)."""
+    a, b = docs[:, 0], docs[:, 1]
+    first = int(np.searchsorted(b, lo, side="right"))  # documents are sorted and disjoint
+    last = int(np.searchsorted(a, hi, side="left"))
+    a, b = a[first:last], b[first:last]
+    s_lo, s_hi = np.maximum(a, lo), np.minimum(b - 1, hi)
+    keep = s_lo < s_hi
+    return ((s_lo[keep] - lo).astype(np.int64), (s_hi[keep] - lo).astype(np.int64),
+            (b[keep] - lo).astype(np.int64))
 
 
 class _Chunks:
     """The training stream cut into token chunks, each read with D+1 tokens of look-ahead."""
 
-    def __init__(self, corpus: CorpusStore, size: int, depth: int):
+    def __init__(self, corpus: CorpusStore, size: int, depth: int,
+                 resident: np.ndarray | None = None):
         self.corpus = corpus
+        self.resident = resident  # the training tokens, when the build keeps them in memory
         self.docs = corpus.train_documents()
         self.end = corpus.train_end
         self.size = size
         self.depth = depth
         self.bounds = list(range(0, self.end, size))
+
+    def pieces(self, lo: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(tokens from lo, document pieces of the starts in [lo, lo+size)), see doc_pieces."""
+        hi = min(lo + self.size, self.end)
+        stop = min(hi + self.depth + 1, self.end)
+        toks = self.resident[lo:stop] if self.resident is not None else self.corpus.tokens(lo, stop)
+        return toks, doc_pieces(self.docs, lo, hi)
 
     def read(self, lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens from lo, starts in [lo, lo+size), their document ends)."""
@@ -207,21 +198,89 @@ class _Chunks:
         return toks, starts, ends
 
 
+def _count_prefixes_numpy(toks: np.ndarray, pieces: tuple[np.ndarray, ...], K: int, V: int,
+                          bins: np.ndarray, off: np.ndarray) -> None:
+    """native.count_prefixes in NumPy (for in-memory corpora, which are planned before the
+    compiled kernels have loaded)."""
+    seg_lo, seg_hi, seg_end = pieces
+    n = seg_hi - seg_lo
+    starts = ranges(seg_lo, n)
+    room = np.repeat(seg_end, n) - starts
+    code = np.zeros(len(starts), np.int64)
+    for k in range(1, K + 1):
+        ok = room >= k
+        starts, room, code = starts[ok], room[ok], code[ok]
+        code = code * V + toks[starts + (k - 1)]
+        bins[off[k - 1]: off[k]] += np.bincount(code, minlength=V ** k)
+
+
+#: largest k-gram code space that the plan's first pass counts densely (int64 bins)
+_DENSE_BINS = 1 << 22
+
+
 def _plan_counts(chunks: _Chunks, cfg: BuildConfig, V: int,
-                 memory: tuple[np.ndarray, np.ndarray, np.ndarray] | None):
-    """The CountFn for make_plan: one pass (or one Dask map/reduce) per prefix length."""
+                 memory: tuple[np.ndarray, np.ndarray] | None):
+    """The CountFn for make_plan, with compiled counting passes (agpt.trie.native).
+
+    The first call counts every prefix length k <= K (the largest with V**K dense bins that
+    fit _DENSE_BINS) in one pass over the corpus; later lengths (needed only below prefixes
+    that split) take one pass each, counting just the children of the split prefixes. A
+    100 MB corpus at a 1 GB budget needs two passes instead of one per prefix length.
+    memory: (training tokens, document pieces) when the corpus is in memory.
+    """
+    K = 1
+    while K < cfg.max_depth and V ** (K + 1) <= _DENSE_BINS:
+        K += 1
+    dense: dict[int, np.ndarray] = {}
+
+    def run(fn) -> list:
+        if memory is not None:
+            return [fn(*memory)]
+        return _compute(cfg, [dask.delayed(lambda lo: fn(*chunks.pieces(lo)))(lo)
+                              for lo in chunks.bounds], "prefix counts")
+
+    def first_pass() -> None:
+        off = np.cumsum([0] + [V ** k for k in range(1, K + 1)]).astype(np.int64)
+
+        def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
+            bins = np.zeros(int(off[-1]), np.int64)
+            if memory is not None:  # small corpus: NumPy, no numba start-up on this thread
+                _count_prefixes_numpy(toks, pieces, K, V, bins, off)
+            else:
+                from agpt.trie import native
+                native.count_prefixes(toks, *pieces, K, V, bins, off)
+            nz = np.flatnonzero(bins)
+            return nz, bins[nz]
+
+        total = np.zeros(int(off[-1]), np.int64)
+        for nz, cnt in run(one):
+            total[nz] += cnt
+        for k in range(1, K + 1):
+            dense[k] = total[off[k - 1]: off[k]]
 
     def counts(k: int, parents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        if memory is not None:
-            toks, starts, ends = memory
-            return _kgram_counts(toks, 0, starts, ends, k, parents, V)
+        if k <= K:
+            if not dense:
+                first_pass()
+            codes = np.flatnonzero(dense[k])
+            if parents is not None:
+                codes = codes[np.isin(codes // V, parents)]
+            return codes.astype(np.int64), dense[k][codes]
+        par = np.asarray(parents, dtype=np.int64)
 
-        def one(lo: int) -> tuple[np.ndarray, np.ndarray]:
-            toks, starts, ends = chunks.read(lo)
-            return _kgram_counts(toks, lo, starts, ends, k, parents, V)
+        def one(toks, pieces) -> tuple[np.ndarray, np.ndarray]:
+            from agpt.trie import native
 
-        parts = _compute(cfg, [dask.delayed(one)(lo) for lo in chunks.bounds], f"prefix counts k={k}")
-        return _merge_counts(parts)
+            bins = np.zeros(len(par) * V, np.int64)
+            native.count_children(toks, *pieces, k, V, par, bins)
+            nz = np.flatnonzero(bins)
+            return nz, bins[nz]
+
+        total = np.zeros(len(par) * V, np.int64)
+        for nz, cnt in run(one):
+            total[nz] += cnt
+        nz = np.flatnonzero(total)
+        return par[nz // V] * V + nz % V, total[nz]
 
     return counts
 
@@ -279,37 +338,72 @@ def _memory_task(tokens, order_starts, order_ends, order_pid, lo: int, hi: int, 
 
 # -- out-of-core: bucket spills and staged results --------------------------------------------
 
-def _pid_dtype(n_partitions: int) -> np.dtype:
-    """Narrowest signed dtype for partition ids (int16 sorts by radix, in linear time)."""
-    return np.dtype(np.int16 if n_partitions < np.iinfo(np.int16).max else np.int32)
-
-
 def _klen_dtype(depth: int) -> np.dtype:
     return np.dtype(np.uint8 if depth + 1 <= np.iinfo(np.uint8).max else np.int16)
 
 
-def _bucket_chunk(chunks: _Chunks, lo: int, plan: Plan, V: int, cfg: BuildConfig, out: str) -> str:
-    """Write one chunk's keys grouped by partition: keys.npy, klen.npy, ptr.npy."""
+def _bucket_chunk(chunks: _Chunks, lo: int, n_partitions: int, tables: tuple, V: int,
+                  cfg: BuildConfig, out: str) -> str:
+    """Write one chunk's keys grouped by partition: keys.npy (or pos.npy, positions in the
+    chunk, when the tokens are resident), klen.npy, ptr.npy.
+
+    Two compiled passes: partition ids from the plan's lookup (`assign_tables`), then every
+    key written straight from the tokens into its partition's rows (NumPy's row gather and
+    argsort by partition cost several times more)."""
+    from agpt.trie import native
+
     done = os.path.join(out, "done")
     if os.path.exists(done):
         return out
-    toks, starts, ends = chunks.read(lo)
-    klen0 = np.minimum(ends - starts, cfg.max_depth + 1)
-    pid = assign_partitions(plan, toks, starts - lo, klen0).astype(_pid_dtype(plan.n_partitions))
-    keep = np.flatnonzero(pid >= 0)
-    o = keep[np.argsort(pid[keep], kind="stable")]
-    starts, ends, pid = starts[o], ends[o], pid[o]
-    del o, keep, klen0
-    keys, klen = gather_keys(toks, starts, ends, cfg.max_depth, V, offset=lo)
+    toks, pieces = chunks.pieces(lo)
+    n = int((pieces[1] - pieces[0]).sum())
+    pid = np.empty(n, np.int32)
+    native.assign_pieces(toks, *pieces, *tables, V, cfg.max_depth, pid)
+    ptr = np.zeros(n_partitions + 1, np.int64)
+    np.cumsum(np.bincount(pid[pid >= 0], minlength=n_partitions), out=ptr[1:])
+    klen = np.empty(int(ptr[-1]), _klen_dtype(cfg.max_depth))
+    if chunks.resident is not None:  # positions only: tasks read keys from the tokens
+        pos = np.empty(int(ptr[-1]), np.int32)
+        native.scatter_positions(*pieces, pid, ptr, cfg.max_depth, pos, klen)
+        rows = ("pos", pos)
+    else:
+        keys = np.empty((int(ptr[-1]), cfg.max_depth + 1), key_dtype(V))
+        native.scatter_keys(toks, *pieces, pid, ptr, cfg.max_depth, keys, klen)
+        rows = ("keys", keys)
+    del pid, toks
     os.makedirs(out, exist_ok=True)
-    np.save(os.path.join(out, "keys.npy"), keys)
-    np.save(os.path.join(out, "klen.npy"), klen.astype(_klen_dtype(cfg.max_depth)))
-    np.save(os.path.join(out, "ptr.npy"),
-            np.searchsorted(pid, np.arange(plan.n_partitions + 1)).astype(np.int64))
+    np.save(os.path.join(out, rows[0] + ".npy"), rows[1])
+    np.save(os.path.join(out, "klen.npy"), klen)
+    np.save(os.path.join(out, "ptr.npy"), ptr)
     Path(done).touch()
-    del keys, klen, toks, starts, ends, pid
-    _release_memory()
     return out
+
+
+def assign_tables(plan: Plan) -> tuple[np.ndarray, ...]:
+    """The plan's prefix lookup for native.assign_pieces: a dense table per prefix length
+    whose code space is small (as plan.assign uses), sorted codes with values otherwise."""
+    V = plan.vocab_size
+    dense, dense_off, codes, vals, code_off = [], [], [], [], [0]
+    at = 0
+    for k, (pc, ids, split) in enumerate(plan.code_levels(), 1):
+        c = np.concatenate((pc, split)).astype(np.int64)
+        v = np.concatenate((ids, np.full(len(split), -2))).astype(np.int32)
+        if V ** k <= _LUT_MAX:
+            t = np.full(V ** k, -1, np.int32)
+            t[c] = v
+            dense.append(t)
+            dense_off.append(at)
+            at += V ** k
+            code_off.append(code_off[-1])
+        else:
+            o = np.argsort(c)
+            codes.append(c[o])
+            vals.append(v[o])
+            dense_off.append(-1)
+            code_off.append(code_off[-1] + len(c))
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    return (cat(dense, np.int32), np.array(dense_off, np.int64), cat(codes, np.int64),
+            cat(vals, np.int32), np.array(code_off, np.int64))
 
 
 def _read_rows(path: str, a: int, z: int, out: np.ndarray) -> None:
@@ -328,8 +422,10 @@ def _read_rows(path: str, a: int, z: int, out: np.ndarray) -> None:
 
 
 def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V: int,
-                cfg: BuildConfig, layer: str, out: str) -> str:
+                cfg: BuildConfig, layer: str, chunks: _Chunks, out: str) -> str:
     """Build partitions p0..p1-1 from the buckets' slices; stage the result (a directory)."""
+    from agpt.trie import native
+
     if os.path.exists(out):
         return out
     spans = []
@@ -345,35 +441,64 @@ def _spill_task(buckets: list[str], p0: int, p1: int, prefix_len: np.ndarray, V:
     pid = np.empty(m, np.int32)
     at = 0
     for b, a, z, counts in spans:
-        _read_rows(os.path.join(b, "keys.npy"), a, z, keys[at: at + z - a])
         _read_rows(os.path.join(b, "klen.npy"), a, z, klen[at: at + z - a])
+        if chunks.resident is not None:
+            pos = np.empty(z - a, np.int32)
+            _read_rows(os.path.join(b, "pos.npy"), a, z, pos)
+            lo = chunks.bounds[int(os.path.basename(b))]
+            native.gather_keys_at(chunks.resident, lo, pos, klen[at: at + z - a],
+                                  keys[at: at + z - a])
+            del pos
+        else:
+            _read_rows(os.path.join(b, "keys.npy"), a, z, keys[at: at + z - a])
         pid[at: at + z - a] = np.repeat(np.arange(p1 - p0, dtype=np.int32), counts)
         at += z - a
     inputs = [keys, klen, pid]
     del keys, klen, pid
     res = _build_from_inputs(inputs, prefix_len, V, cfg, layer)
     _save_result(res, out)
-    del res
-    _release_memory()
     return out
 
 
 _LIBC: Any = None
 
 
-def _release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise, so a long run of tasks
-    would hold its worst fragmentation as RSS); a no-op off glibc."""
+def _libc() -> Any:
     global _LIBC
     if _LIBC is None:
         try:
             import ctypes
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+class _KeepHeapMemory:
+    """Make glibc serve big arrays from its heap and keep freed memory for reuse.
+
+    By default every array above the mmap threshold is a fresh mmap whose pages fault in on
+    first touch and are unmapped on free; a build allocates its task-sized temporaries over
+    and over, and on the build VMs those page faults were a third of the build's CPU time.
+    With mmap off and no automatic trimming, the heap grows to the largest task's footprint
+    (which the memory budget bounds) and is reused from then on; on exit glibc's defaults
+    are restored and the heap is trimmed. A no-op off glibc.
+    """
+
+    def __enter__(self) -> None:
+        if _libc():
+            _LIBC.mallopt(-4, 0)            # M_MMAP_MAX: never mmap
+            _LIBC.mallopt(-1, 2**31 - 1)    # M_TRIM_THRESHOLD: do not trim on free
+            _LIBC.mallopt(-8, 1)            # M_ARENA_MAX: one heap for all threads
+
+    def __exit__(self, *exc: object) -> None:
+        if _libc():
+            _LIBC.mallopt(-4, 65536)        # glibc's defaults
+            _LIBC.mallopt(-1, 128 * 1024)
+            _LIBC.mallopt(-8, 0)
+            _LIBC.malloc_trim(0)
 
 
 _RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr",
@@ -386,8 +511,9 @@ _LEVEL_DTYPES = dict.fromkeys(("parent", "mass", "count_ptr", "count_value", "pa
 
 
 def _save_result(res: TaskResult, path: str) -> None:
-    """Stage a task result as a directory of .npy files (no compression, no zip checksums:
-    the writer reads it straight back, compresses and checksums once into the store)."""
+    """Stage a task result (pipelines/stage.py: raw arrays, direct I/O; no compression, no
+    checksums: the writer reads it straight back, compresses and checksums once into the
+    store)."""
     arrays = {f"r_{f}": getattr(res.radix, f) for f in _RADIX_FIELDS}
     if res.leveled is not None:
         for k, L in enumerate(res.leveled, 1):
@@ -397,8 +523,7 @@ def _save_result(res: TaskResult, path: str) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, a in arrays.items():
-        np.save(os.path.join(tmp, name + ".npy"), _narrow(np.ascontiguousarray(a)))
+    write_arrays(tmp, {name: _narrow(np.ascontiguousarray(a)) for name, a in arrays.items()})
     os.replace(tmp, path)  # a staged piece exists only once it is whole
 
 
@@ -414,21 +539,26 @@ def _widen(a: np.ndarray, like: np.dtype) -> np.ndarray:
 
 
 class _Staged:
-    """Lazy view of a staged task result (reads only the arrays asked for, memory-mapped)."""
+    """Lazy view of a staged task result (reads only the arrays asked for)."""
 
     def __init__(self, path: str):
         self.path = path
+        self.file = StagedFile(path)
 
     def _get(self, name: str, dtype: np.dtype | None = None) -> np.ndarray:
-        a = np.load(os.path.join(self.path, name + ".npy"), mmap_mode="r", allow_pickle=False)
+        a = self.file.read(name)
         return a if dtype is None else _widen(a, np.dtype(dtype))
 
     def radix(self) -> RadixTrie:
-        return RadixTrie(*(self._get(f"r_{f}", _RADIX_DTYPES.get(f)) for f in _RADIX_FIELDS))
+        return RadixTrie(*(self.column(f) for f in _RADIX_FIELDS))
+
+    def column(self, field: str) -> np.ndarray:
+        """One radix array, in the dtype RadixTrie has (staged int32 arrays are widened)."""
+        return self._get(f"r_{field}", _RADIX_DTYPES.get(field))
 
     def radix_sizes(self) -> tuple[int, int, int]:
-        return (len(self._get("r_parent")), len(self._get("r_edge_tokens")),
-                len(self._get("r_count_value")))
+        return (self.file.length("r_parent"), self.file.length("r_edge_tokens"),
+                self.file.length("r_count_value"))
 
     def level(self, k: int) -> LeveledDepth:
         return LeveledDepth(*(self._get(f"l{k}_{f}", _LEVEL_DTYPES.get(f)) for f in _LEVEL_FIELDS))
@@ -445,6 +575,12 @@ class _Staged:
 def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
                force: bool = False) -> dict[str, Any]:
     """Build `layer` ('radix' or 'leveled') of the trie of a corpus store into out_url."""
+    with _KeepHeapMemory():
+        return _build_trie(corpus_url, out_url, layer, cfg, force)
+
+
+def _build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
+                force: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     if layer == "radix":  # a trie store as SOURCE: compact its leveled layer into it
         from agpt.trie.compact import is_trie_store, radix_from_leveled_store
@@ -475,6 +611,8 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         <= cfg.memory_limit - BASE_BYTES
     if cfg.out_of_core is not None:
         in_memory = not cfg.out_of_core
+    if in_memory:  # out of core, the first task's load is a small part of the build
+        _warm_up_kernels(V, D)
     budget = cfg.partition_budget or (task_keys if cfg.partition == "auto" else None)
     writer = TrieWriter(out_url, corpus, cfg.trie_params(budget), force=force)
     if writer.has_layer(layer):
@@ -483,13 +621,25 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
 
     chunk = cfg.chunk_tokens or max(1 << 16, min(1 << 24, (cfg.memory_limit - BASE_BYTES)
                                                  // (cfg.workers * (per_key + 16))))
-    chunks = _Chunks(corpus, chunk, D)
+    # Out of core, the training tokens stay in memory when they are a small part of the
+    # budget (threads share them): buckets then hold 4-byte positions instead of (D+1)-token
+    # keys, a tenth of the spill I/O, and tasks read their keys from the tokens. The tasks'
+    # share of the budget shrinks by the tokens' size (the partitions stay the same).
+    token_bytes = n_train * corpus.dtype.itemsize
+    resident = (not in_memory and cfg.scheduler == "threads"
+                and token_bytes <= (cfg.memory_limit - BASE_BYTES) // 6)
+    if resident and not cfg.task_keys:
+        task_cap = max(1, (cfg.memory_limit - BASE_BYTES - token_bytes) // (cfg.workers * per_key))
+    else:
+        task_cap = task_keys
+    chunks = _Chunks(corpus, chunk, D, corpus.train_tokens() if resident else None)
     memory = None
     if in_memory:
         toks = corpus.train_tokens()
         starts, ends = _starts(chunks.docs, 0, n_train)
         memory = (toks, starts, ends)
-    plan = make_plan(cfg.partition, _plan_counts(chunks, cfg, V, memory), V, D, budget)
+    plan_memory = (memory[0], doc_pieces(chunks.docs, 0, n_train)) if memory else None
+    plan = make_plan(cfg.partition, _plan_counts(chunks, cfg, V, plan_memory), V, D, budget)
     if plan.n_partitions == 0:
         raise AgptError(f"{corpus_url} has no training start positions (fewer than 2 tokens per document)")
     biggest = int(plan.sizes.max())
@@ -503,7 +653,7 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
     if writer.fresh or "partitions" not in writer.meta:
         writer.write_plan(plan)
     prefix_len = np.array([len(p) for p in plan.prefixes], dtype=np.int16)
-    tasks_ranges = _group_tasks(plan.sizes, task_keys, cfg.workers if in_memory else 1)
+    tasks_ranges = _group_tasks(plan.sizes, task_cap, cfg.workers if in_memory else 1)
     _log(cfg, f"{plan.n_partitions} {cfg.partition} partitions, {len(plan.spine_depth)} spine "
               f"nodes, {len(tasks_ranges)} build tasks ({'in memory' if in_memory else 'spilled to disk'})")
 
@@ -526,33 +676,35 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
         work = None
     else:
         work = _work_dir(cfg, out_url, corpus, writer.params, chunk)
-        _check_layout(work)
+        _check_layout(work, "tokens" if resident else "keys")
         _log(cfg, f"work dir {work}")
         bdir = os.path.join(work, "buckets")
-        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan, V, cfg,
-                                                         os.path.join(bdir, f"{i:06d}"))
+        # not the plan itself: dask walks a dataclass argument's fields, 10 ms per task here
+        tables = assign_tables(plan)
+        bjobs = [dask.delayed(_bucket_chunk, pure=False)(chunks, lo, plan.n_partitions, tables,
+                                                         V, cfg, os.path.join(bdir, f"{i:06d}"))
                  for i, lo in enumerate(chunks.bounds)]
         buckets = _compute(cfg, bjobs, "bucket")
         sdir = os.path.join(work, f"stage-{layer}")
         os.makedirs(sdir, exist_ok=True)
         jobs = [dask.delayed(_spill_task, pure=False)(buckets, a, b, prefix_len[a:b], V, cfg, layer,
-                                                      os.path.join(sdir, f"{i:06d}"))
+                                                      chunks, os.path.join(sdir, f"{i:06d}"))
                 for i, (a, b) in enumerate(tasks_ranges)]
         staged = [_Staged(p) for p in _compute(cfg, jobs, "build")]
-        radix_pieces = (s.radix() for s in staged)
         level_of = [s.level for s in staged]
         sizes = [s.depth_sizes() for s in staged] if layer == "leveled" else []
 
-    _release_memory()
     _log(cfg, f"writing the {layer} layer")
     if layer == "radix":
         if in_memory:
-            totals = _radix_totals(radix_pieces)
+            totals = writer.write_radix(radix_pieces, _radix_totals(radix_pieces))
         else:
-            sz = np.array([s.radix_sizes() for s in staged], dtype=np.int64).reshape(-1, 3)
-            totals = dict(zip(("nodes", "edge_tokens", "counts"), map(int, sz.sum(axis=0)),
-                              strict=True))
-        totals = writer.write_radix(radix_pieces, totals)
+            sz = [s.radix_sizes() for s in staged]
+            totals = dict(zip(("nodes", "edge_tokens", "counts"),
+                              map(int, np.array(sz, np.int64).reshape(-1, 3).sum(axis=0)), strict=True))
+            totals = writer.write_radix_columns(
+                len(staged), lambda i, f: staged[i].column(f), sz,
+                [staged[i].column("part_ptr") for i in range(len(staged))], totals)
     else:
         ds = np.stack([s[0] for s in sizes])
         cs = np.stack([s[1] for s in sizes])
@@ -566,6 +718,18 @@ def build_trie(corpus_url: str, out_url: str, layer: str, cfg: BuildConfig,
             **totals}
 
 
+def _warm_up_kernels(V: int, D: int) -> None:
+    """Load the compiled build kernels on a background thread while the build plans (the
+    first load initialises numba, ~0.5 s); the first task waits for it if it must."""
+    import threading
+
+    def run() -> None:  # klen is int64 in memory (gather_keys)
+        from agpt.trie import native
+        native.warm_up(key_dtype(V), np.dtype(np.int64), _token_dtype(V), D)
+
+    threading.Thread(target=run, name="agpt-warm-up", daemon=True).start()
+
+
 def _radix_totals(pieces) -> dict[str, int]:
     n = e = c = 0
     for rt in pieces:
@@ -576,22 +740,24 @@ def _radix_totals(pieces) -> dict[str, int]:
 
 
 #: layout of the bucket and stage files; a work dir of another layout is never reused
-_SPILL_LAYOUT = 2
+_SPILL_LAYOUT = 4
 
 
-def _check_layout(work: str) -> None:
-    """Start the work dir afresh when it was left by a build with another file layout."""
+def _check_layout(work: str, mode: str) -> None:
+    """Start the work dir afresh when it was left by a build with another file layout (or
+    bucket mode: keys, or positions into resident tokens)."""
     mark = os.path.join(work, "layout")
+    want = f"{_SPILL_LAYOUT} {mode}"
     try:
         with open(mark) as f:
-            ok = f.read().strip() == str(_SPILL_LAYOUT)
+            ok = f.read().strip() == want
     except OSError:
         ok = False
     if not ok:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work, exist_ok=True)
         with open(mark, "w") as f:
-            f.write(str(_SPILL_LAYOUT))
+            f.write(want)
 
 
 def _work_dir(cfg: BuildConfig, out_url: str, corpus: CorpusStore, params: dict, chunk: int) -> str:

@@ -90,6 +90,8 @@ def test_compact_inverts_expand(c, D, scheme, budget, min_mass, min_depth) -> No
     assert_same(compact(expand(rt, D), plen, plan.sizes, D), rt)
     # any run of consecutive partitions compacts on its own
     P = len(plan.prefixes)
+    if P == 0:  # every start ends in the spine (documents shorter than the split depth)
+        return
     a, b = P // 3, max(P // 3 + 1, 2 * P // 3)
     sub = rt.slice(int(rt.part_ptr[a]), int(rt.part_ptr[b]))
     sub.part_ptr = rt.part_ptr[a: b + 1] - rt.part_ptr[a]

@@ -49,3 +49,16 @@ def test_encoder_refuses_other_layouts(tmp_path: Path) -> None:
     assert ShardEncoder.for_array(plain) is None
     two_d = create_array(g, "two_d", (1 << 20, 4), np.int64)
     assert ShardEncoder.for_array(two_d) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_write_file_direct_writes_the_bytes(tmp_path, size: int) -> None:
+    """Direct (page-cache-bypassing) shard writes land the same bytes, atomically renamed."""
+    from agpt.store.format import write_file_direct
+
+    blob = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / "c" / "0"
+    if not write_file_direct(str(path), blob):
+        pytest.skip("this file system refuses O_DIRECT")
+    assert path.read_bytes() == blob
+    assert [p.name for p in path.parent.iterdir()] == ["0"]  # no temporary file left

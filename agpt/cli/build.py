@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -59,6 +60,9 @@ def _run(layer: str, source: str, out: str | None, **kw) -> None:
         click.echo(json.dumps(res))
     else:
         click.echo(" ".join(f"{k}={v}" for k, v in res.items() if not isinstance(v, list)))
+    # The process exits next: freezing the heap's objects spares the interpreter's final
+    # garbage collections (~0.3 s once numba's compiler objects are loaded).
+    gc.freeze()
 
 
 @cli.command("build-index")

@@ -8,6 +8,9 @@ status attribute that makes builds atomic (a store opens only when status == "co
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,9 +160,78 @@ class ShardEncoder:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        buf = default_buffer_prototype().buffer.from_bytes(self.encode(data))
+        blob = self.encode(data)
         key = self.arr.metadata.encode_chunk_key((shard_index,))
+        path = self._local_path(key)
+        if path is not None and write_file_direct(path, blob):
+            return
+        buf = default_buffer_prototype().buffer.from_bytes(blob)
         sync((self.arr.store_path / key).set(buf))
+
+    def _local_path(self, key: str) -> str | None:
+        """The file of `key` when the array lives in a local directory store, else None."""
+        from zarr.storage import LocalStore
+
+        sp = self.arr.store_path
+        if type(sp.store) is not LocalStore:
+            return None
+        return os.path.join(str(sp.store.root), *[p for p in (sp.path, key) if p])
+
+
+#: O_DIRECT alignment of file offsets, lengths and buffer addresses
+_DIRECT_ALIGN = 4096
+
+
+def write_file_direct(path: str, blob: bytes) -> bool:
+    """Write `blob` to `path` as a local Zarr store would (a temporary file renamed into
+    place), bypassing the page cache for all but the last partial block; False (nothing
+    written) where the file system refuses O_DIRECT.
+
+    A 100 MB build writes ~2 GB of shards; through the page cache each byte lands in freshly
+    allocated cache pages, whose first touch costs ~1-2 s of system time per GB on the
+    build VMs.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+    except OSError:
+        return False
+    n = len(blob) // _DIRECT_ALIGN * _DIRECT_ALIGN
+    try:
+        refused = False
+        try:
+            if n:
+                raw = np.empty(n + _DIRECT_ALIGN, np.uint8)
+                skip = (-raw.ctypes.data) % _DIRECT_ALIGN
+                buf = raw[skip: skip + n]
+                buf[:] = np.frombuffer(blob, np.uint8, n)
+                view = memoryview(buf)
+                while len(view):
+                    view = view[os.write(fd, view):]
+        except OSError as e:  # opened with O_DIRECT, but the writes are refused
+            if e.errno != errno.EINVAL:
+                raise
+            refused = True
+        finally:
+            os.close(fd)
+        if refused:
+            os.unlink(tmp)
+            return False
+        if n < len(blob):
+            with open(tmp, "ab") as f:
+                f.write(memoryview(blob)[n:])
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True
 
 
 def write_array(group: zarr.Group, name: str, data: np.ndarray, **kw: Any) -> zarr.Array:

@@ -13,7 +13,7 @@ writes ever touch one shard concurrently; the store opens only once status is co
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,20 +269,19 @@ class TrieWriter:
                                  "max_prefix": int(lens.max(initial=0))})
 
     def write_radix(self, parts: list[RadixTrie] | Iterable[RadixTrie], sizes: dict[str, int]) -> dict:
-        """Append radix pieces (consecutive partition ranges, in order); sizes gives totals."""
+        """Append radix pieces (consecutive partition ranges, in order); sizes gives totals.
+
+        A list (pieces in memory) is written column-parallel; any other iterable is consumed
+        one piece at a time (its pieces are loaded lazily, to bound memory).
+        """
+        if isinstance(parts, list):
+            return self.write_radix_columns(
+                len(parts), lambda i, f: getattr(parts[i], f),
+                [(p.n_nodes, len(p.edge_tokens), len(p.count_value)) for p in parts],
+                [p.part_ptr for p in parts], sizes)
         self._update(layers={"radix": {"status": "building"}})
-        g = self.group.require_group("radix")
+        ap = self._radix_appenders(sizes)
         R, E, C = sizes["nodes"], sizes["edge_tokens"], sizes["counts"]
-        tok = np.dtype(self.group["corpus/tokens"].dtype)
-        ap = {
-            "parent": Appender(g, "parent", R, np.int64), "head": Appender(g, "head", R, np.int16),
-            "mass": Appender(g, "mass", R, np.int64),
-            "edge_ptr": Appender(g, "edge_ptr", R + 1, np.int64),
-            "edge_tokens": Appender(g, "edge_tokens", E, tok),
-            "count_ptr": Appender(g, "count_ptr", R + 1, np.int64),
-            "count_token": Appender(g, "count_token", C, tok),
-            "count_value": Appender(g, "count_value", C, np.int64),
-        }
         with _closing(ap):
             n0 = e0 = c0 = 0
             part_ptr = [0]
@@ -301,10 +300,72 @@ class TrieWriter:
                 c0 += len(rt.count_value)
             ap["edge_ptr"].write(np.array([e0]))
             ap["count_ptr"].write(np.array([c0]))
+        return self._finish_radix(part_ptr, R, E, C)
+
+    def _radix_appenders(self, sizes: dict[str, int]) -> dict[str, BlockWriter]:
+        g = self.group.require_group("radix")
+        R, E, C = sizes["nodes"], sizes["edge_tokens"], sizes["counts"]
+        tok = np.dtype(self.group["corpus/tokens"].dtype)
+        return {
+            "parent": Appender(g, "parent", R, np.int64), "head": Appender(g, "head", R, np.int16),
+            "mass": Appender(g, "mass", R, np.int64),
+            "edge_ptr": Appender(g, "edge_ptr", R + 1, np.int64),
+            "edge_tokens": Appender(g, "edge_tokens", E, tok),
+            "count_ptr": Appender(g, "count_ptr", R + 1, np.int64),
+            "count_token": Appender(g, "count_token", C, tok),
+            "count_value": Appender(g, "count_value", C, np.int64),
+        }
+
+    def _finish_radix(self, part_ptr: list[int], R: int, E: int, C: int) -> dict:
         write_array(self.group.require_group("partitions"), "radix_ptr", np.array(part_ptr, np.int64))
-        totals = {"radix_nodes": n0, "radix_edge_tokens": e0, "radix_counts": c0}
+        totals = {"radix_nodes": R, "radix_edge_tokens": E, "radix_counts": C}
         self._update(layers={"radix": {"status": "complete"}}, totals=totals)
         return totals
+
+    def write_radix_columns(self, n_pieces: int, column: Callable[[int, str], np.ndarray],
+                            piece_sizes: list[tuple[int, int, int]], part_ptrs: list[np.ndarray],
+                            sizes: dict[str, int]) -> dict:
+        """Append radix pieces given column by column: column(i, field) is piece i's array.
+
+        Each array is written by its own thread, piece after piece (reading, offsetting and
+        compressing one array never waits for another's), so the writer keeps every core
+        busy; piece_sizes[i] = (nodes, edge tokens, counts), part_ptrs[i] its part_ptr.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._update(layers={"radix": {"status": "building"}})
+        R, E, C = sizes["nodes"], sizes["edge_tokens"], sizes["counts"]
+        sz = np.array(piece_sizes, dtype=np.int64).reshape(-1, 3)
+        n0, e0, c0 = (np.concatenate(([0], np.cumsum(sz[:, j]))) for j in range(3))
+        if (int(n0[-1]), int(e0[-1]), int(c0[-1])) != (R, E, C):
+            raise ValueError(f"radix pieces hold {n0[-1]}/{e0[-1]}/{c0[-1]} nodes/edge tokens/"
+                             f"counts, expected {R}/{E}/{C}")
+        ap = self._radix_appenders(sizes)
+
+        def one(f: str) -> None:
+            a = ap[f]
+            for i in range(n_pieces):
+                x = column(i, f)
+                if f == "parent":
+                    x = np.where(x >= 0, x + n0[i], -1)
+                elif f == "edge_ptr":
+                    x = x[:-1] + e0[i]
+                elif f == "count_ptr":
+                    x = x[:-1] + c0[i]
+                a.write(x)
+                del x
+            if f == "edge_ptr":
+                a.write(np.array([E]))
+            elif f == "count_ptr":
+                a.write(np.array([C]))
+
+        with _closing(ap), ThreadPoolExecutor(len(ap), thread_name_prefix="agpt-column") as pool:
+            for fut in [pool.submit(one, f) for f in ap]:
+                fut.result()
+        part_ptr = [0]
+        for i, pp in enumerate(part_ptrs):
+            part_ptr.extend((np.asarray(pp)[1:] + n0[i]).tolist())
+        return self._finish_radix(part_ptr, R, E, C)
 
     def write_leveled(self, pieces: list, depth_sizes: np.ndarray, count_sizes: np.ndarray) -> dict:
         """Write the leveled layer depth by depth.

@@ -60,23 +60,55 @@ def gather_keys(tokens: np.ndarray, starts: np.ndarray, doc_end: np.ndarray, dep
 
 def sort_keys(keys: np.ndarray, klen: np.ndarray, start: np.ndarray | None, seg_id: np.ndarray,
               seg_depth: np.ndarray) -> SortedKeys:
-    """Sort keys by (partition, key) and compute adjacent LCPs.
+    """Sort keys by (partition, key) and compute adjacent LCPs (compiled kernels).
 
     The caller may pass its only references to the arrays (the unsorted keys are then freed
     as soon as the sorted copy exists); `start` may be None when positions are not needed.
-
-    Rows compare as big-endian byte strings (memcmp order equals lexicographic token order),
-    which NumPy sorts at C speed; partitions are kept apart by sorting on seg_id first.
+    Partition prefixes are disjoint and numbered in lexicographic order, so sorting the keys
+    also groups them by partition, in partition order. Equal keys are interchangeable (only
+    their start positions differ), so their order is left unspecified.
     """
+    from agpt.trie import native
+
     m, w = keys.shape
-    be = keys.astype(keys.dtype.newbyteorder(">"), copy=False)
-    raw = np.ascontiguousarray(be).view(f"S{w * keys.dtype.itemsize}").ravel()
+    keys = np.ascontiguousarray(keys)
+    base = max(int(keys.max(initial=0)) + 1, 2)
+    seg_depth = np.asarray(seg_depth, dtype=np.int16)
+    if m and (seg_id.min() < 0 or seg_id.max() >= len(seg_depth)):
+        raise ValueError("partition ids must index seg_depth")
+    order, seg_ptr = native.sort_segments(keys, np.asarray(seg_id), seg_depth, base,
+                                          native.digits_per_word(base))
+    keys = native.take_rows(keys, order)
+    klen = klen[order]
+    start = start[order] if start is not None else None
+    del order
+    _check_partition_order(keys, seg_ptr)
+    lcp = np.full(m + 1, -1, dtype=np.int16)
+    if m > 1:
+        lcp[1:m] = native.adjacent_lcp(keys, klen)
+        lcp[seg_ptr[1:-1]] = -1  # no run crosses a partition edge
+    return SortedKeys(keys, klen, start, lcp, seg_ptr, seg_depth)
+
+
+def _check_partition_order(keys: np.ndarray, seg_ptr: np.ndarray) -> None:
+    """The last key of each partition must sort before the first key of the next one."""
+    edge = seg_ptr[1:-1]
+    edge = edge[(edge > 0) & (edge < keys.shape[0])]
+    if edge.size == 0:
+        return
+    a, b = keys[edge - 1], keys[edge]
+    ne = a != b
+    col = ne.argmax(axis=1)
+    rows = np.arange(len(edge))
+    if np.any(~ne.any(axis=1) | (a[rows, col] > b[rows, col])):
+        raise ValueError("partition ids must follow the lexicographic order of their prefixes")
+
+
+def _finish_sort(keys: np.ndarray, klen: np.ndarray, start: np.ndarray | None,
+                 seg_id: np.ndarray, seg_depth: np.ndarray, order: np.ndarray,
+                 lcp_fn) -> SortedKeys:
+    m = keys.shape[0]
     n_seg = len(seg_depth)
-    # Partition prefixes are disjoint and numbered in lexicographic order, so one sort of the
-    # keys also groups them by partition, in partition order. Equal keys are interchangeable
-    # (only their start positions differ), so the faster unstable sort is enough.
-    order = np.argsort(raw)
-    del raw, be
     keys = keys[order]
     klen = klen[order]
     start = start[order] if start is not None else None
@@ -87,9 +119,23 @@ def sort_keys(keys: np.ndarray, klen: np.ndarray, start: np.ndarray | None, seg_
     seg_ptr = np.searchsorted(seg_id, np.arange(n_seg + 1))
     lcp = np.full(m + 1, -1, dtype=np.int16)
     if m > 1:
-        lcp[1:m] = adjacent_lcp(keys, klen)
+        lcp[1:m] = lcp_fn(keys, klen)
         lcp[seg_ptr[1:-1]] = -1  # no run crosses a partition edge
     return SortedKeys(keys, klen, start, lcp, seg_ptr, np.asarray(seg_depth, dtype=np.int16))
+
+
+def sort_keys_reference(keys: np.ndarray, klen: np.ndarray, start: np.ndarray | None,
+                        seg_id: np.ndarray, seg_depth: np.ndarray) -> SortedKeys:
+    """`sort_keys` in plain NumPy (the oracle of the compiled kernels' tests).
+
+    Rows compare as big-endian byte strings (memcmp order equals lexicographic token order).
+    """
+    m, w = keys.shape
+    be = keys.astype(keys.dtype.newbyteorder(">"), copy=False)
+    raw = np.ascontiguousarray(be).view(f"S{w * keys.dtype.itemsize}").ravel()
+    order = np.argsort(raw)
+    del raw, be
+    return _finish_sort(keys, klen, start, seg_id, seg_depth, order, adjacent_lcp)
 
 
 def adjacent_lcp(keys: np.ndarray, klen: np.ndarray, block: int = 1 << 18) -> np.ndarray:

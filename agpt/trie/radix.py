@@ -81,6 +81,32 @@ def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def radix_from_keys(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
     """Build the radix trie of every partition in `sk` from its sorted keys and LCPs.
 
+    One compiled stack pass over the LCPs (agpt.trie.native.radix_core); the output is
+    byte-identical to `radix_from_keys_reference`, which remains the oracle in the tests.
+    """
+    from agpt.trie import native
+
+    keys = np.ascontiguousarray(sk.keys)
+    m, w = keys.shape
+    if 3 * m + 2 >= np.iinfo(np.int32).max:  # the kernel indexes nodes with int32
+        return radix_from_keys_reference(sk, token_dtype)
+    parent, head, end, first, mass, count_ptr, ctok, count_value = native.radix_core(
+        keys, sk.klen, sk.lcp, np.asarray(sk.seg_ptr, dtype=np.int64),
+        np.asarray(sk.seg_depth, dtype=np.int16), w - 1)
+    count_token = np.empty(len(ctok), dtype=token_dtype)
+    np.subtract(ctok, 1, out=count_token, casting="unsafe")
+    del ctok
+    edge_ptr = _ptr((end - head + 1).astype(np.int64))
+    edge_tokens = np.empty(int(edge_ptr[-1]), dtype=token_dtype)
+    native.gather_edges(keys, first, head, end, edge_ptr, edge_tokens)
+    part_ptr = np.searchsorted(first, sk.seg_ptr).astype(np.int64)
+    return RadixTrie(parent, head, mass, edge_ptr, edge_tokens, count_ptr, count_token,
+                     count_value, part_ptr)
+
+
+def radix_from_keys_reference(sk: SortedKeys, token_dtype: np.dtype) -> RadixTrie:
+    """`radix_from_keys` in plain NumPy (the oracle of the compiled kernel's tests).
+
     Works level by level (v = 1..D) on the shrinking set of key boundaries with LCP >= v, so
     every step is a linear pass or a search in one level's (sorted) nodes; indices are int32
     when the task is small enough, which is always the case at a sane memory budget.
