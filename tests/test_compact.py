@@ -9,6 +9,7 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stores import plan_starts
 
 from agpt.errors import AgptError
 from agpt.ingest import ingest
@@ -16,7 +17,6 @@ from agpt.store.format import token_dtype
 from agpt.store.trie import open_trie
 from agpt.trie.compact import compact, radix_from_leveled_store
 from agpt.trie.keys import gather_keys, sort_keys
-from agpt.trie.plan import assign, make_plan
 from agpt.trie.radix import RadixTrie, expand, prune, radix_from_keys
 from pipelines.build import BuildConfig, build_trie
 
@@ -29,26 +29,7 @@ RADIX_ARRAYS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr"
 def pipeline_radix(tokens: np.ndarray, docs: list[tuple[int, int]], D: int, scheme: str,
                    budget: int | None = None, min_mass: int = 0, min_depth: int = 0):
     """The in-memory build path (plan, assign, sorted keys, radix, prune) on raw tokens."""
-    V = int(tokens.max()) + 1
-    s = [np.arange(a, b - 1) for a, b in docs if b - a >= 2]
-    e = [np.full(b - 1 - a, b) for a, b in docs if b - a >= 2]
-    starts, ends = np.concatenate(s).astype(np.int64), np.concatenate(e).astype(np.int64)
-
-    def counts(k: int, parents):
-        sel = starts[ends - starts >= k]
-        if parents is not None and sel.size:
-            pc = np.zeros(len(sel), np.int64)
-            for j in range(k - 1):
-                pc = pc * V + tokens[sel + j]
-            i = np.minimum(np.searchsorted(parents, pc), len(parents) - 1)
-            sel = sel[parents[i] == pc]
-        code = np.zeros(len(sel), np.int64)
-        for j in range(k):
-            code = code * V + tokens[sel + j]
-        return np.unique(code, return_counts=True)
-
-    plan = make_plan(scheme, counts, V, D, budget)
-    pid = assign(plan, tokens, starts, np.minimum(ends - starts, D + 1))
+    starts, ends, plan, pid, V = plan_starts(tokens, docs, D, scheme, budget)
     keep = pid >= 0
     o = np.argsort(pid[keep], kind="stable")
     st_, de, pd_ = starts[keep][o], ends[keep][o], pid[keep][o]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stores import plan_starts
 
 from agpt.store.format import token_dtype
 from agpt.trie import native
 from agpt.trie.keys import adjacent_lcp, gather_keys, sort_keys, sort_keys_reference
-from agpt.trie.plan import assign, make_plan
 from agpt.trie.radix import radix_from_keys, radix_from_keys_reference
 
 FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
@@ -91,25 +91,7 @@ def test_adjacent_lcp_matches_numpy() -> None:
 
 def _radix_inputs(tokens: np.ndarray, docs: list[tuple[int, int]], D: int, scheme: str,
                   budget: int | None):
-    V = int(tokens.max()) + 1
-    starts = np.concatenate([np.arange(a, b - 1) for a, b in docs if b - a >= 2]).astype(np.int64)
-    ends = np.concatenate([np.full(b - 1 - a, b) for a, b in docs if b - a >= 2]).astype(np.int64)
-
-    def counts(k: int, parents):
-        sel = starts[ends - starts >= k]
-        if parents is not None and sel.size:
-            pc = np.zeros(len(sel), np.int64)
-            for j in range(k - 1):
-                pc = pc * V + tokens[sel + j]
-            i = np.minimum(np.searchsorted(parents, pc), len(parents) - 1)
-            sel = sel[parents[i] == pc]
-        code = np.zeros(len(sel), np.int64)
-        for j in range(k):
-            code = code * V + tokens[sel + j]
-        return np.unique(code, return_counts=True)
-
-    plan = make_plan(scheme, counts, V, D, budget)
-    pid = assign(plan, tokens, starts, np.minimum(ends - starts, D + 1))
+    starts, ends, plan, pid, V = plan_starts(tokens, docs, D, scheme, budget)
     keep = np.flatnonzero(pid >= 0)
     rng = np.random.default_rng(len(tokens))
     keep = keep[rng.permutation(len(keep))]  # the kernels must not rely on any input order
