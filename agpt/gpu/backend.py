@@ -69,30 +69,45 @@ class CupyBackend(NumpyBackend):
 
     # -- transfers ------------------------------------------------------------------------
     def asarray(self, a: Any, dtype: Any = None):
-        pins = getattr(self._local, "pins", None)
-        if pins is None or not isinstance(a, np.ndarray):
+        if getattr(self._local, "pins", None) is None or not isinstance(a, np.ndarray):
             return cp.asarray(a, dtype=dtype)
         host = np.ascontiguousarray(a, dtype=dtype)
-        mem = cp.cuda.alloc_pinned_memory(max(1, host.nbytes))
-        pinned = np.frombuffer(mem, host.dtype, host.size).reshape(host.shape)
-        pinned[...] = host
-        pins.append(mem)                 # alive until the copy is done (staged() syncs)
+        dst = self._pinned(host.nbytes).view(host.dtype).reshape(host.shape)
+        dst[...] = host
         out = cp.empty(host.shape, host.dtype)
-        out.set(pinned, stream=cp.cuda.get_current_stream())
+        out.set(dst, stream=cp.cuda.get_current_stream())
         return out
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        """nbytes of this thread's pinned staging arena (a uint8 view), valid until staged()
+        returns. The arena grows by doubling and is reused unit after unit: page-locking fresh
+        host memory for every array costs more than the copy itself."""
+        loc = self._local
+        off = -(-loc.offset // 256) * 256
+        if loc.arena is None or off + nbytes > len(loc.arena):
+            if loc.arena is not None:
+                loc.pins.append(loc.arena)          # queued copies still read it
+            size = max(nbytes, 2 * (len(loc.arena) if loc.arena is not None else 0), 64 << 20)
+            loc.arena = np.frombuffer(cp.cuda.alloc_pinned_memory(size), np.uint8, size)
+            off = 0
+        loc.offset = off + nbytes
+        return loc.arena[off:off + nbytes]
 
     @contextmanager
     def staged(self) -> Iterator[None]:
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = cp.cuda.Stream(non_blocking=True)
-        self._local.pins = []
+        """Uploads inside go through this thread's pinned arena on its own stream; returns
+        once they are on the device."""
+        loc = self._local
+        if getattr(loc, "stream", None) is None:
+            loc.stream = cp.cuda.Stream(non_blocking=True)
+            loc.arena = None
+        loc.pins, loc.offset = [], 0
         try:
-            with stream:
+            with loc.stream:
                 yield
-            stream.synchronize()
+            loc.stream.synchronize()
         finally:
-            self._local.pins = None
+            loc.pins = None
 
     def to_host(self, a: Any) -> np.ndarray:
         return cp.asnumpy(a) if isinstance(a, cp.ndarray) else np.asarray(a)

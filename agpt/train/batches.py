@@ -12,7 +12,7 @@ from agpt.train.units import Unit
 
 def to_device(be, tokens: np.ndarray, layout, t: HostTargets) -> Batch:
     dt = be.dtype
-    return Batch(be.asarray(tokens.astype(np.int64)), be.prepare(layout),
+    return Batch(be.asarray(np.asarray(tokens, np.int64)), be.prepare(layout),
                  Targets(be.asarray(t.rows), be.asarray(t.row), be.asarray(t.token),
                          be.asarray(t.coef, dt), be.asarray(t.row_coef, dt)))
 

@@ -67,7 +67,23 @@ class HostTargets:
 
 def targets(count_ptr: np.ndarray, count_token: np.ndarray, count_value: np.ndarray,
             loss: np.ndarray, vocab_size: int, w: Weighting) -> HostTargets:
-    """Loss terms of the rows flagged `loss`."""
+    """Loss terms of the rows flagged `loss`: one compiled pass (agpt.train.expand.loss_terms),
+    equal to `targets_reference`."""
+    from agpt.train.expand import MASS_CODES, loss_terms
+    n, c = len(count_ptr) - 1, int(count_ptr[-1])
+    rows, row, token = np.empty(n, np.int64), np.empty(c, np.int64), np.empty(c, np.int64)
+    coef, row_coef = np.empty(c), np.empty(n)
+    lam = float(w.entropy_lambda) if vocab_size > 1 else 0.0
+    nr, nt, _ = loss_terms(count_ptr, count_token, count_value, np.asarray(loss, bool),
+                           MASS_CODES[w.mass_weight], lam, float(np.log(max(vocab_size, 2))),
+                           rows, row, token, coef, row_coef)
+    return HostTargets(rows[:nr], row[:nt], token[:nt], coef[:nt], row_coef[:nr],
+                       float(row_coef[:nr].sum()))
+
+
+def targets_reference(count_ptr: np.ndarray, count_token: np.ndarray, count_value: np.ndarray,
+            loss: np.ndarray, vocab_size: int, w: Weighting) -> HostTargets:
+    """Loss terms of the rows flagged `loss` (NumPy oracle of `targets`)."""
     z, omega = row_weights(count_ptr, count_value, vocab_size, w)
     z = np.where(loss, z, 0.0)
     rows = np.flatnonzero(z > 0)

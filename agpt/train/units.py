@@ -91,7 +91,35 @@ def spine_unit(spine: Spine) -> Unit | None:
 
 
 def radix_unit(rt: RadixTrie, context: Unit | None, name: str) -> Unit:
-    """A partition's rows: its spine prefix (context) then every edge position, in preorder."""
+    """A partition's rows: its spine prefix (context) then every edge position, in preorder
+    (one compiled pass, agpt.train.expand.expand_radix; equal to `radix_unit_reference`)."""
+    from agpt.train.expand import expand_radix
+    c = context.n_rows if context is not None else 0
+    n = int(rt.edge_ptr[-1])
+    # every edge position has one count except endpoints, which have their node's counts
+    n_counts = n - rt.n_nodes + int(rt.count_ptr[-1])
+    cc = int(context.count_ptr[-1]) if context is not None else 0
+    token = np.empty(c + n, np.int64)
+    parent = np.empty(c + n, np.int64)
+    depth = np.empty(c + n, np.int32)
+    ptr = np.empty(c + n + 1, np.int64)
+    ctok = np.empty(cc + n_counts, np.int64)
+    cval = np.empty(cc + n_counts, np.int64)
+    loss = np.ones(c + n, bool)
+    if context is not None:
+        token[:c], parent[:c], depth[:c] = context.token, context.parent, context.depth
+        ptr[:c + 1] = context.count_ptr
+        ctok[:cc], cval[:cc] = context.count_token, context.count_value
+        loss[:c] = context.loss
+    else:
+        ptr[0] = 0
+    expand_radix(rt.parent, rt.head, rt.mass, rt.edge_ptr, rt.edge_tokens, rt.count_ptr,
+                 rt.count_token, rt.count_value, c, c - 1, token, parent, depth, ptr, ctok, cval)
+    return Unit(name, token, parent, depth, ptr, ctok, cval, loss)
+
+
+def radix_unit_reference(rt: RadixTrie, context: Unit | None, name: str) -> Unit:
+    """NumPy oracle of `radix_unit`."""
     c = context.n_rows if context is not None else 0
     elen = np.diff(rt.edge_ptr)
     n = int(rt.edge_ptr[-1])

@@ -1,0 +1,92 @@
+"""The compiled unit expansion and loss terms (agpt.train.expand) against their NumPy references."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from stores import make_trie
+
+from agpt.store.trie import open_trie
+from agpt.train.objective import Weighting, targets, targets_reference
+from agpt.train.units import (
+    Unit,
+    _spine_rows,
+    radix_unit,
+    radix_unit_reference,
+    spine_chain,
+    spine_unit,
+)
+
+UNIT_FIELDS = ("token", "parent", "depth", "count_ptr", "count_token", "count_value", "loss")
+WEIGHTINGS = [Weighting("linear", 0.0), Weighting("linear", 1.0), Weighting("log", 0.5),
+              Weighting("sqrt", 2.0), Weighting("off", 0.0), Weighting("off", 3.0)]
+
+
+def assert_same_unit(a: Unit, b: Unit) -> None:
+    for f in UNIT_FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype, f
+        np.testing.assert_array_equal(x, y, err_msg=f)
+
+
+def assert_same_targets(u: Unit, vocab: int) -> None:
+    for w in WEIGHTINGS:
+        a = targets(u.count_ptr, u.count_token, u.count_value, u.loss, vocab, w)
+        b = targets_reference(u.count_ptr, u.count_token, u.count_value, u.loss, vocab, w)
+        for f in ("rows", "row", "token"):
+            assert getattr(a, f).dtype == getattr(b, f).dtype
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+        # libm and NumPy's vectorised log may differ in the last bit
+        np.testing.assert_allclose(a.coef, b.coef, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(a.row_coef, b.row_coef, rtol=1e-14, atol=0)
+        assert a.z == pytest.approx(b.z, rel=1e-13)
+
+
+def check_store(url: str) -> None:
+    t = open_trie(url)
+    spine = t.spine()
+    for p in range(t.n_partitions):
+        rt = t.radix_partition(p)
+        chain = spine_chain(spine, int(t.spine_parent_of_partition()[p]))
+        ctx = _spine_rows(spine, chain, loss=False) if chain else None
+        u = radix_unit(rt, ctx, "p")
+        assert_same_unit(u, radix_unit_reference(rt, ctx, "p"))
+        assert_same_targets(u, t.vocab_size)
+    s = spine_unit(spine)
+    if s is not None:
+        assert_same_targets(s, t.vocab_size)
+
+
+@pytest.mark.parametrize("scheme", ["unigram", "bigram", "auto"])
+def test_expansion_equals_reference(tmp_path: Path, scheme: str) -> None:
+    rng = np.random.default_rng(3)
+    text = "".join(rng.choice(list("abcde \n"), 3000))
+    kw = {"partition_budget": 80} if scheme == "auto" else {}
+    check_store(make_trie(tmp_path, [text], 9, scheme, **kw))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.text(alphabet="ab\nxyz", min_size=2, max_size=300), D=st.integers(1, 7),
+       scheme=st.sampled_from(["unigram", "bigram", "auto"]))
+def test_expansion_equals_reference_on_random_corpora(text: str, D: int, scheme: str) -> None:
+    if scheme == "bigram" and D < 2:
+        scheme = "unigram"
+    kw = {"partition_budget": 10} if scheme == "auto" else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        check_store(make_trie(Path(tmp), [text], D, scheme, **kw))
+
+
+def test_loss_terms_edge_cases() -> None:
+    """Rows with no counts, rows not flagged for loss, a one-token vocabulary."""
+    ptr = np.array([0, 0, 2, 3, 3, 6])
+    tok = np.array([0, 1, 1, 0, 0, 1])
+    val = np.array([2, 5, 1, 0, 3, 4])           # one zero count inside a row
+    loss = np.array([True, True, False, True, True])
+    u = Unit("x", np.zeros(5, np.int64), np.full(5, -1), np.ones(5, np.int32), ptr, tok, val, loss)
+    assert_same_targets(u, 2)
+    assert_same_targets(u, 1)
