@@ -99,6 +99,7 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
             "cuda_graphs": [r.get("cuda_graphs", 0) for r in eps], "device": name,
             "backend": res["device"], "rows_per_epoch": eps[0]["rows"],
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
+            "first_unit_wait_s": [r.get("first_unit_wait_s") for r in eps],
             "first_epoch_s": eps[0]["seconds"],
             "warm_epoch_s_median": statistics.median(r["seconds"] for r in warm),
             "warm_rows_per_s_median": statistics.median(r["rows_per_s"] for r in warm),

@@ -270,10 +270,13 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
         z_acc = 0.0
         loss_acc: Any = 0.0
         t_wait = time.perf_counter()
-        units = prefetch(make, order[s.pos.unit:], workers=args.loaders)
+        units = prefetch(make, order[s.pos.unit:], workers=args.loaders, ahead=2 * args.loaders)
         in_flight: collections.deque = collections.deque()   # (done event, unit) on the GPU
+        first_wait = None
         for k, (i, unit) in enumerate(units, s.pos.unit):
-            io_wait += time.perf_counter() - t_wait
+            wait = time.perf_counter() - t_wait
+            io_wait += wait
+            first_wait = wait if first_wait is None else first_wait
             loss_sum, z = compute(i, unit)
             ep_loss = ep_loss + loss_sum          # device scalars: no sync per unit
             ep_z += z
@@ -283,7 +286,8 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                 if z == 0:
                     s.grad[...] = 0
                 else:
-                    s.update(z, loss_sum, where, unit=i, rows=unit.n_rows)
+                    s.update(z, loss_sum, where, unit=i, rows=unit.n_rows,
+                             io_wait_s=round(wait, 4))
             else:
                 z_acc += z
                 loss_acc = loss_acc + loss_sum
@@ -316,6 +320,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                                        "cuda_graphs": len(graphs)}
         s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
               rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
+              first_unit_wait_s=round(first_wait or 0.0, 3),
               lr=s.lr(), **gpu)
         peak = f", peak GPU memory {gpu['gpu_peak_mb']:,.0f} MB" if gpu else ""
         s.show(f"epoch {e + 1}/{args.epochs} loss {ep_loss / max(ep_z, 1e-12):.4f} "
