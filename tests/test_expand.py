@@ -90,3 +90,31 @@ def test_loss_terms_edge_cases() -> None:
     u = Unit("x", np.zeros(5, np.int64), np.full(5, -1), np.ones(5, np.int32), ptr, tok, val, loss)
     assert_same_targets(u, 2)
     assert_same_targets(u, 1)
+
+
+def test_dense_loss_rows_give_the_same_loss_terms() -> None:
+    """dense=True: the rows become one range, the gaps weigh 0 and have no terms; every real
+    term keeps its row, token and coefficient."""
+    rng = np.random.default_rng(5)
+    n = 3000
+    clen = rng.integers(1, 4, n)
+    clen[[0, 1, 500, 2999]] = 0                  # rows with no successor (one at each end)
+    ptr = np.concatenate([[0], np.cumsum(clen)])
+    tok = rng.integers(0, 9, ptr[-1])
+    val = rng.integers(1, 50, ptr[-1])
+    loss = np.ones(n, bool)
+    loss[:3] = False                             # context rows
+    for w in WEIGHTINGS:
+        s = targets(ptr, tok, val, loss, 9, w)
+        d = targets(ptr, tok, val, loss, 9, w, dense=True)
+        assert isinstance(d.rows, slice) and (d.rows.start, d.rows.stop) == (3, 2999)
+        real = np.arange(d.rows.start, d.rows.stop)[d.row]
+        np.testing.assert_array_equal(real, s.rows[s.row])
+        np.testing.assert_array_equal(d.token, s.token)
+        np.testing.assert_array_equal(d.coef, s.coef)
+        dense_coef = np.zeros(d.rows.stop - d.rows.start)
+        dense_coef[s.rows - d.rows.start] = s.row_coef
+        np.testing.assert_array_equal(d.row_coef, dense_coef)
+        assert d.z == pytest.approx(s.z, rel=1e-14)
+    loss[1000:2000] = False                      # a long gap: stays sparse
+    assert not isinstance(targets(ptr, tok, val, loss, 9, WEIGHTINGS[0], dense=True).rows, slice)

@@ -172,18 +172,48 @@ def test_embedding_backward_kernel(gpu, v) -> None:
     close(got, ref, np.float32)
 
 
-def test_relu_and_bias_gradient_kernels(gpu) -> None:
-    rng = np.random.default_rng(8)
-    f, dr = (rng.standard_normal((70_001, 96)).astype(np.float32) for _ in range(2))
-    b = rng.standard_normal(96).astype(np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, cols", [(70_001, 96), (3, 256), (1, 8), (5_000, 30), (2_000, 2048)])
+def test_relu_and_bias_kernels(gpu, dtype, n: int, cols: int) -> None:
+    """Vectorised rows (96, 256, 8 columns), element rows (30 columns: not a whole number of
+    16-byte vectors) and the CuPy fallback (2048: a row wider than a block)."""
+    from agpt.gpu.backend import CupyBackend
+    be = gpu if dtype == np.float32 else CupyBackend("float64")
+    rng = np.random.default_rng(8 + n)
+    f, dr, x = (rng.standard_normal((n, cols)).astype(dtype) for _ in range(3))
+    b, db0 = (rng.standard_normal(cols).astype(dtype) for _ in range(2))
     f[::7] = -b                               # f + b == 0 exactly: relu's kink
     poison()
-    r = gpu.bias_relu(cp.asarray(f), cp.asarray(b))
+    r = be.bias_relu(cp.asarray(f), cp.asarray(b))
     r_ref = REF.bias_relu(f.astype(np.float64), b.astype(np.float64))
-    close(r, r_ref, np.float32)
+    close(r, r_ref, dtype)
     poison()
-    close(gpu.relu_backward(cp.asarray(dr), r),
-          REF.relu_backward(dr.astype(np.float64), r_ref), np.float32)
+    close(be.add_bias(cp.asarray(x), cp.asarray(b)),
+          REF.add_bias(x.astype(np.float64), b.astype(np.float64)), dtype)
+    poison()
+    close(be.relu_backward(cp.asarray(dr), r),
+          REF.relu_backward(dr.astype(np.float64), r_ref), dtype)
+    poison()
+    db = cp.asarray(db0)
+    df = be.relu_backward(cp.asarray(dr), r, db=db)
+    db_ref = db0.astype(np.float64)
+    close(df, REF.relu_backward(dr.astype(np.float64), r_ref, db=db_ref), dtype)
+    close(db, db_ref, dtype)
+    idx = rng.integers(0, n, 2 * n + 3)
+    poison()
+    close(be.gather_rows(cp.asarray(x), cp.asarray(idx)), REF.gather_rows(x.astype(np.float64), idx),
+          dtype)
+    buf = cp.empty(x.size + 1, dtype)          # a table one element off 16-byte alignment
+    table = buf[1:].reshape(x.shape)
+    table[...] = cp.asarray(x)
+    poison()
+    close(be.gather_rows(table, cp.asarray(idx)), REF.gather_rows(x.astype(np.float64), idx),
+          dtype)
+
+
+def test_sum_rows_kernel(gpu) -> None:
+    rng = np.random.default_rng(9)
+    dr = rng.standard_normal((70_001, 96)).astype(np.float32)
     for n in (1, 70_001, 5):            # the cached ones vector grows, then is sliced
         close(gpu.sum_rows(cp.asarray(dr[:n])), REF.sum_rows(dr[:n].astype(np.float64)),
               np.float32)

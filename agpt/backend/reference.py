@@ -84,9 +84,22 @@ class NumpyBackend:
         f += b
         return self.xp.maximum(f, 0, out=f)
 
-    def relu_backward(self, dr: np.ndarray, r: np.ndarray) -> np.ndarray:
-        """dL/df from dL/dr for r = relu(f), masked by the output r (dr may be overwritten)."""
-        return dr * (r > 0)
+    def relu_backward(self, dr: np.ndarray, r: np.ndarray, db: np.ndarray | None = None) -> np.ndarray:
+        """dL/df from dL/dr for r = relu(f), masked by the output r (dr may be overwritten);
+        with db, also adds the bias gradient df.sum(0) into it."""
+        df = dr * (r > 0)
+        if db is not None:
+            self.sum_rows(df, out=db)
+        return df
+
+    def gather_rows(self, table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """table[idx]: the token embeddings of a batch."""
+        return table[idx]
+
+    def add_bias(self, x: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """x += b over every row, in place (the residual stream's and the logits' biases)."""
+        x += b
+        return x
 
     # -- layer norm -----------------------------------------------------------------------
     def layernorm(self, x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float):

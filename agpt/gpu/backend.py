@@ -188,11 +188,20 @@ class CupyBackend(NumpyBackend):
         self.blas.gemm(ones, x, out=out[None, :], acc=True, tf32=self.tf32)
         return out
 
-    def bias_relu(self, f, b):
-        return self.k.bias_relu(f, b.astype(f.dtype, copy=False), f)
+    def gather_rows(self, table, idx):
+        return self.k.gather_rows(table, idx)
 
-    def relu_backward(self, dr, r):
-        return self.k.relu_backward(dr, r)
+    def add_bias(self, x, b):
+        return self.k.add_bias(x, b.astype(x.dtype, copy=False))
+
+    def bias_relu(self, f, b):
+        return self.k.bias_relu(f, b.astype(f.dtype, copy=False))
+
+    def relu_backward(self, dr, r, db=None):
+        df, part = self.k.relu_backward(dr, r, db is not None)
+        if db is not None:
+            self.sum_rows(df if part is None else part, out=db)
+        return df
 
     def layernorm(self, x, g, b, eps):
         return self.k.layernorm(cp.ascontiguousarray(x), g.astype(x.dtype, copy=False),

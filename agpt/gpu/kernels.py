@@ -8,7 +8,7 @@
 | `layernorm_backward`      | `NumpyBackend.layernorm_backward`            |
 | `rope`                    | `NumpyBackend.rope`                          |
 | `embedding_backward`      | `NumpyBackend.scatter_add` (token rows)      |
-| `bias_relu`, `relu_backward` | `NumpyBackend.bias_relu`, `.relu_backward` |
+| `add_bias`, `bias_relu`, `relu_backward`, `gather_rows` | `NumpyBackend.add_bias`, `.bias_relu`, `.relu_backward`, `.gather_rows` |
 | `qkv_heads`, `qkv_heads_backward` | `NumpyBackend.qkv_heads`, `.qkv_heads_backward` |
 | `xent_counts`             | `NumpyBackend.xent_counts`                   |
 | `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
@@ -895,13 +895,161 @@ def qkv_heads_backward(dq: Any, dk: Any, dv: Any, pos: Any, cos_tab: Any, sin_ta
     return g
 
 
-bias_relu = cp.ElementwiseKernel("T f, T b", "T r", "r = f + b > (T)0 ? f + b : (T)0",
+_ROWS = r"""
+// With VEC, 16-byte vectors: a row of C columns is C / VN vectors (VN = 4 floats or 2
+// doubles); else single elements (VN = 1).
+#if VEC
+template <typename S> struct V16;
+template <> struct V16<float> { typedef float4 t; enum { n = 4 }; };
+template <> struct V16<double> { typedef double2 t; enum { n = 2 }; };
+typedef V16<T>::t VT;
+#define VN V16<T>::n
+#else
+typedef T VT;
+#define VN 1
+#endif
+
+// out[row, :] = table[idx[row], :] (the token embedding).
+extern "C" __global__ void gather_rows(const VT* table, const long long* idx, VT* out,
+                                       long long n, int cv) {
+    const int c = threadIdx.x;
+    for (long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y; r < n;
+         r += (long long)gridDim.x * blockDim.y)
+        out[r * cv + c] = table[idx[r] * cv + c];
+}
+
+// x[row, :] += b, then relu if asked, in place. Threads: (column vector, row lane).
+extern "C" __global__ void add_bias(VT* x, const VT* b, long long n, int cv, int relu) {
+    const int c = threadIdx.x;
+    const VT bv = b[c];
+    const T* q = (const T*)&bv;
+    for (long long r = (long long)blockIdx.x * blockDim.y + threadIdx.y; r < n;
+         r += (long long)gridDim.x * blockDim.y) {
+        VT v = x[r * cv + c];
+        T* p = (T*)&v;
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            const T s = p[k] + q[k];
+            p[k] = relu ? (s > (T)0 ? s : (T)0) : s;
+        }
+        x[r * cv + c] = v;
+    }
+}
+
+// d = d where r > 0 else 0 (in place), and per block the column sums of the result
+// (part[block, :]); the caller sums the blocks' rows. Block b owns rows [b*rpb, (b+1)*rpb).
+extern "C" __global__ void relu_back_db(VT* d, const VT* r, T* part, long long n, int cv,
+                                        long long rpb) {
+    extern __shared__ unsigned char smem[];
+    T* sh = (T*)smem;
+    const int c = threadIdx.x, y = threadIdx.y;
+    const long long r0 = (long long)blockIdx.x * rpb, r1 = min(n, r0 + rpb);
+    T acc[VN];
+#pragma unroll
+    for (int k = 0; k < VN; ++k) acc[k] = (T)0;
+    for (long long row = r0 + y; row < r1; row += blockDim.y) {
+        VT g = d[row * cv + c];
+        const VT m = r[row * cv + c];
+        T* p = (T*)&g;
+        const T* q = (const T*)&m;
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            p[k] = q[k] > (T)0 ? p[k] : (T)0;
+            acc[k] += p[k];
+        }
+        d[row * cv + c] = g;
+    }
+#pragma unroll
+    for (int k = 0; k < VN; ++k) sh[(y * cv + c) * VN + k] = acc[k];
+    __syncthreads();
+    if (y == 0) {
+#pragma unroll
+        for (int k = 0; k < VN; ++k) {
+            T s = (T)0;
+            for (int j = 0; j < (int)blockDim.y; ++j) s += sh[(j * cv + c) * VN + k];
+            part[(long long)blockIdx.x * cv * VN + c * VN + k] = s;
+        }
+    }
+}
+"""
+
+_relu_fwd = cp.ElementwiseKernel("T f, T b", "T r", "r = f + b > (T)0 ? f + b : (T)0",
                                  "agpt_bias_relu")
 _relu_back = cp.ElementwiseKernel("T d, T r", "T g", "g = r > (T)0 ? d : (T)0", "agpt_relu_back")
 
 
-def relu_backward(dr: Any, r: Any) -> Any:
-    return _relu_back(dr, r, dr)      # in place: dr is a temporary of the caller
+def _vector_rows(x: Any, *others: Any) -> tuple[int, int]:
+    """(elements per row as the kernels' units, 1 if they are 16-byte vectors else 0) for the
+    (N, C) array x and same-typed `others` (a bias, a mask); (0, 0) when the row kernels do
+    not apply (layout, dtype, or a row wider than one block)."""
+    arrays = (x, *others)
+    if (x.ndim != 2 or x.dtype not in (cp.float32, cp.float64)
+            or any(a.dtype != x.dtype or not a.flags.c_contiguous for a in arrays)):
+        return 0, 0
+    n_cols, vn = x.shape[1], 16 // x.itemsize
+    if n_cols % vn == 0 and n_cols // vn <= 256 and all(a.data.ptr % 16 == 0 for a in arrays):
+        return n_cols // vn, 1
+    return (n_cols, 0) if 0 < n_cols <= 256 else (0, 0)
+
+
+def _row_grid(n: int, cv: int, rows_per_thread: int = 4) -> tuple[tuple[int], tuple[int, int]]:
+    ry = max(1, 256 // cv)
+    return (max(1, min(_blocks(n, ry * rows_per_thread), 32 * _sm_count())),), (cv, ry)
+
+
+def _rows_module(dtype: Any, vec: int) -> cp.RawModule:
+    return _module(_ROWS, T=_ctype(dtype), VEC=vec)
+
+
+def add_bias(x: Any, b: Any, relu: bool = False) -> Any:
+    """x += b (broadcast over rows), then relu(x) if asked; in place, returns x."""
+    cv, vec = _vector_rows(x, b)
+    if not cv:
+        return _relu_fwd(x, b, x) if relu else cp.add(x, b, out=x)
+    if len(x):
+        grid, block = _row_grid(len(x), cv)
+        _rows_module(x.dtype, vec).get_function("add_bias")(
+            grid, block, (x, b, cp.int64(len(x)), cp.int32(cv), cp.int32(int(relu))))
+    return x
+
+
+def bias_relu(f: Any, b: Any) -> Any:
+    """relu(f + b), in place in f."""
+    return add_bias(f, b, relu=True)
+
+
+def gather_rows(table: Any, idx: Any) -> Any:
+    """table[idx] for a (V, C) table and int64 indices."""
+    cv, vec = _vector_rows(table)
+    if not cv or idx.dtype != cp.int64:
+        return table[idx]
+    out = cp.empty((len(idx), table.shape[1]), dtype=table.dtype)
+    if len(idx):
+        grid, block = _row_grid(len(idx), cv)
+        _rows_module(table.dtype, vec).get_function("gather_rows")(
+            grid, block, (table, cp.ascontiguousarray(idx), out, cp.int64(len(idx)),
+                          cp.int32(cv)))
+    return out
+
+
+def relu_backward(dr: Any, r: Any, col_sums: bool = False) -> tuple[Any, Any]:
+    """(dr masked by r > 0, in place; with col_sums, per-block column sums of the result in
+    the same pass, else None). The caller sums the partial sums' rows into the bias gradient
+    (one small product), which keeps that sum deterministic. None also when the row kernel
+    does not apply: then the caller sums the masked array itself."""
+    cv, vec = _vector_rows(dr, r)
+    if not col_sums or not cv or not len(dr):
+        return _relu_back(dr, r, dr), None
+    n = len(dr)
+    ry = max(1, 256 // cv)
+    blocks = max(1, min(_blocks(n, 64), 8 * _sm_count()))
+    rpb = -(-n // blocks)
+    blocks = -(-n // rpb)
+    part = cp.empty((blocks, dr.shape[1]), dtype=dr.dtype)
+    _rows_module(dr.dtype, vec).get_function("relu_back_db")(
+        (blocks,), (cv, ry), (dr, r, part, cp.int64(n), cp.int32(cv), cp.int64(rpb)),
+        shared_mem=ry * cv * (16 if vec else dr.itemsize))
+    return dr, part
 
 
 def embedding_backward(dst: Any, tokens: Any, src: Any) -> bool:

@@ -23,7 +23,7 @@ from agpt.model.params import views
 class Targets:
     """Loss terms: coef_k * -log p(token_k | row_k); only rows in `rows` get an output head."""
 
-    rows: Any       # (M,) rows that carry loss
+    rows: Any       # (M,) rows that carry loss, or a slice when they are one contiguous range
     row: Any        # (K,) index into `rows`
     token: Any      # (K,)
     coef: Any       # (K,) weight * count
@@ -64,7 +64,7 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
     n, h = len(batch.tokens), cfg.n_heads
     attend, _ = _attention(be, batch.layout)
     rope = be.rope_tables(batch.layout, cfg.head_dim, cfg.rope_base)
-    x = p["tok_emb"][batch.tokens]
+    x = be.gather_rows(p["tok_emb"], batch.tokens)
     saved = []
     for i in range(cfg.n_layers):
         w = _layer(p, i).__getitem__
@@ -74,11 +74,11 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
         o, att = attend(q, k, v, batch.layout)
         o = o.reshape(n, cfg.d_model)
         be.matmul(o, w("wo.w"), out=x, acc=True)       # the residual stream is updated in
-        x += w("wo.b")                                  # place: x itself is never saved
+        be.add_bias(x, w("wo.b"))                       # place: x itself is never saved
         b_, c2 = be.layernorm(x, w("ln2.g"), w("ln2.b"), cfg.ln_eps)
         r = be.bias_relu(be.matmul(b_, w("ff1.w")), w("ff1.b"))
         be.matmul(r, w("ff2.w"), out=x, acc=True)
-        x += w("ff2.b")
+        be.add_bias(x, w("ff2.b"))
         if keep:
             saved.append((a, c1, wqkv, q, k, v, att, o, b_, c2, r))
     y, cf = be.layernorm(x, p["lnf.g"], p["lnf.b"], cfg.ln_eps)
@@ -87,9 +87,7 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
 
 def logits_of(cfg: ModelConfig, be, flat: Any, y: Any) -> Any:
     p = views(flat, cfg)
-    logits = be.matmul(y, p["out.w"])
-    logits += p["out.b"]
-    return logits
+    return be.add_bias(be.matmul(y, p["out.w"]), p["out.b"])
 
 
 def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | None,
@@ -110,8 +108,14 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
     mm = be.matmul
     mm(ys, dlogits, ta=True, out=g["out.w"], acc=True)
     be.sum_rows(dlogits, out=g["out.b"])
-    dy = be.xp.zeros_like(y)
-    dy[t.rows] = mm(dlogits, p["out.w"], tb=True)          # rows are unique
+    if isinstance(t.rows, slice):          # a trie unit: every row but its context carries loss
+        dy = be.xp.empty_like(y)
+        dy[:t.rows.start] = 0
+        dy[t.rows.stop:] = 0
+        mm(dlogits, p["out.w"], tb=True, out=dy[t.rows])
+    else:
+        dy = be.xp.zeros_like(y)
+        dy[t.rows] = mm(dlogits, p["out.w"], tb=True)      # rows are unique
     dx = be.layernorm_backward(dy, cf, p["lnf.g"], g["lnf.g"], g["lnf.b"])
     for i in reversed(range(cfg.n_layers)):
         w, gw = _layer(p, i).__getitem__, _layer(g, i).__getitem__
@@ -119,9 +123,8 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         # FFN (dx is the residual stream's gradient; the LayerNorm backward adds into it)
         mm(r, dx, ta=True, out=gw("ff2.w"), acc=True)
         be.sum_rows(dx, out=gw("ff2.b"))
-        df = be.relu_backward(mm(dx, w("ff2.w"), tb=True), r)
+        df = be.relu_backward(mm(dx, w("ff2.w"), tb=True), r, db=gw("ff1.b"))
         mm(b_, df, ta=True, out=gw("ff1.w"), acc=True)
-        be.sum_rows(df, out=gw("ff1.b"))
         be.layernorm_backward(mm(df, w("ff1.w"), tb=True), c2, w("ln2.g"), gw("ln2.g"),
                               gw("ln2.b"), dx=dx)
         # attention
@@ -130,10 +133,12 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         do = mm(dx, w("wo.w"), tb=True).reshape(n, h, e)
         dqkv = be.qkv_heads_backward(*attend_back(do, q, k, v, att, batch.layout, truncated),
                                      rope)
+        # one product and one row sum for the three (a thin product over all N rows costs
+        # about as much as a wide one), then split into the three gradients
+        dw, db = mm(a, dqkv, ta=True), be.sum_rows(dqkv)
         for j, m in enumerate(("wq", "wk", "wv")):
-            part = dqkv[:, j * d:(j + 1) * d]
-            mm(a, part, ta=True, out=gw(m + ".w"), acc=True)
-            be.sum_rows(part, out=gw(m + ".b"))
+            gw(m + ".w")[...] += dw[:, j * d:(j + 1) * d]
+            gw(m + ".b")[...] += db[j * d:(j + 1) * d]
         be.layernorm_backward(mm(dqkv, wqkv, tb=True), c1, w("ln1.g"), gw("ln1.g"),
                               gw("ln1.b"), dx=dx)
     be.scatter_add(g["tok_emb"], batch.tokens, dx)   # repeated tokens sum

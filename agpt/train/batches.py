@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from agpt.model.gpt import Batch, Targets
@@ -10,16 +12,27 @@ from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.units import Unit
 
 
+def _rows(be, rows: np.ndarray | slice) -> Any:
+    """The loss rows as a slice when they are one contiguous range: the model then takes
+    views instead of gathers."""
+    if isinstance(rows, slice):
+        return rows
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return be.asarray(rows)
+
+
 def to_device(be, tokens: np.ndarray, layout, t: HostTargets) -> Batch:
     dt = be.dtype
     return Batch(be.asarray(np.asarray(tokens, np.int64)), be.prepare(layout),
-                 Targets(be.asarray(t.rows), be.asarray(t.row), be.asarray(t.token),
+                 Targets(_rows(be, t.rows), be.asarray(t.row), be.asarray(t.token),
                          be.asarray(t.coef, dt), be.asarray(t.row_coef, dt)))
 
 
 def unit_batch(be, unit: Unit, vocab_size: int, w: Weighting) -> tuple[Batch, float]:
     """A trie unit (or chunk) as a batch, and its share of the normaliser."""
-    t = targets(unit.count_ptr, unit.count_token, unit.count_value, unit.loss, vocab_size, w)
+    t = targets(unit.count_ptr, unit.count_token, unit.count_value, unit.loss, vocab_size, w,
+                dense=True)
     return to_device(be, unit.token, be.tree_layout(unit.parent, unit.depth), t), t.z
 
 

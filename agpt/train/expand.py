@@ -56,13 +56,42 @@ def expand_radix(parent, head, mass, edge_ptr, edge_tokens, count_ptr, count_tok
 
 
 @njit(nogil=True, cache=True)
-def loss_terms(count_ptr, count_token, count_value, loss, mode, lam, log_v,
+def _dense_range(count_ptr, count_value, loss):
+    """(lo, hi, n) of the rows that carry loss (flagged, mass > 0): first, last + 1, count."""
+    lo, hi, n = -1, -1, 0
+    for p in range(count_ptr.shape[0] - 1):
+        if not loss[p]:
+            continue
+        m = 0
+        for j in range(count_ptr[p], count_ptr[p + 1]):
+            m += count_value[j]
+        if m > 0:
+            lo = p if lo < 0 else lo
+            hi = p + 1
+            n += 1
+    return lo, hi, n
+
+
+@njit(nogil=True, cache=True)
+def loss_terms(count_ptr, count_token, count_value, loss, mode, lam, log_v, dense,
                rows, row, token, coef, row_coef):
     """Loss terms of the rows flagged `loss` with mass > 0 (objective.targets): returns
-    (rows used, terms used, Σ z). z = f(mass)·(1 + λ·H/ln V), each term's coef = z/mass·n."""
+    (rows used, terms used, first row of a dense range or -1). z = f(mass)·(1 + λ·H/ln V),
+    each term's coef = z/mass·n.
+
+    With `dense`, when the loss rows are one range with few gaps (a trie unit: all rows after
+    its context but the rare ones with no successor), the rows are that whole range: the gaps
+    get row_coef 0 and no terms, which adds exactly 0 to the loss and its gradient, and the
+    model reads the range as a view instead of gathering rows."""
+    lo = -1
+    if dense:
+        a, b, nv = _dense_range(count_ptr, count_value, loss)
+        if nv > 0 and b - a <= nv + max(16, nv // 100):
+            lo = a
+            for i in range(b - a):
+                row_coef[i] = 0.0
     nr = 0
     nt = 0
-    zsum = 0.0
     for p in range(count_ptr.shape[0] - 1):
         if not loss[p]:
             continue
@@ -90,13 +119,13 @@ def loss_terms(count_ptr, count_token, count_value, loss, mode, lam, log_v,
         if not z > 0:
             continue
         om = z / m
-        rows[nr] = p
-        row_coef[nr] = z
+        k = p - lo if lo >= 0 else nr
+        rows[k] = p
+        row_coef[k] = z
         for j in range(a, b):
-            row[nt] = nr
+            row[nt] = k
             token[nt] = count_token[j]
             coef[nt] = om * count_value[j]
             nt += 1
-        nr += 1
-        zsum += z
-    return nr, nt, zsum
+        nr = k + 1
+    return nr, nt, lo

@@ -57,7 +57,7 @@ def row_weights(count_ptr: np.ndarray, count_value: np.ndarray, vocab_size: int,
 
 @dataclass
 class HostTargets:
-    rows: np.ndarray      # rows carrying loss
+    rows: np.ndarray | slice  # rows carrying loss (a slice: see targets(dense=True))
     row: np.ndarray       # index into rows, per term
     token: np.ndarray
     coef: np.ndarray
@@ -66,19 +66,20 @@ class HostTargets:
 
 
 def targets(count_ptr: np.ndarray, count_token: np.ndarray, count_value: np.ndarray,
-            loss: np.ndarray, vocab_size: int, w: Weighting) -> HostTargets:
+            loss: np.ndarray, vocab_size: int, w: Weighting, dense: bool = False) -> HostTargets:
     """Loss terms of the rows flagged `loss`: one compiled pass (agpt.train.expand.loss_terms),
-    equal to `targets_reference`."""
+    equal to `targets_reference`. With `dense`, `rows` may come back as a slice over a range
+    whose few rows without loss have row_coef 0 and no terms (the same loss and gradient)."""
     from agpt.train.expand import MASS_CODES, loss_terms
     n, c = len(count_ptr) - 1, int(count_ptr[-1])
     rows, row, token = np.empty(n, np.int64), np.empty(c, np.int64), np.empty(c, np.int64)
     coef, row_coef = np.empty(c), np.empty(n)
     lam = float(w.entropy_lambda) if vocab_size > 1 else 0.0
-    nr, nt, _ = loss_terms(count_ptr, count_token, count_value, np.asarray(loss, bool),
-                           MASS_CODES[w.mass_weight], lam, float(np.log(max(vocab_size, 2))),
-                           rows, row, token, coef, row_coef)
-    return HostTargets(rows[:nr], row[:nt], token[:nt], coef[:nt], row_coef[:nr],
-                       float(row_coef[:nr].sum()))
+    nr, nt, lo = loss_terms(count_ptr, count_token, count_value, np.asarray(loss, bool),
+                            MASS_CODES[w.mass_weight], lam, float(np.log(max(vocab_size, 2))),
+                            dense, rows, row, token, coef, row_coef)
+    return HostTargets(slice(lo, lo + nr) if lo >= 0 else rows[:nr], row[:nt], token[:nt],
+                       coef[:nt], row_coef[:nr], float(row_coef[:nr].sum()))
 
 
 def targets_reference(count_ptr: np.ndarray, count_token: np.ndarray, count_value: np.ndarray,

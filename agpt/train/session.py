@@ -8,6 +8,7 @@ on the CPU: every unit's computation depends only on the saved state).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
@@ -24,6 +25,8 @@ from agpt.train.optim import OptimConfig, Optimizer, lr_at
 
 #: reference steps per epoch of auto-LR (the seed: 65 root-child partitions of tinyshakespeare)
 AUTO_LR_REFERENCE = 65
+#: on the GPU, each update's NaN/Inf check and step record are settled this many updates later
+SETTLE_LAG = 2
 
 
 class Interrupted(AgptError):
@@ -75,9 +78,10 @@ class Session:
         self._metrics = open(self.metrics_path, "a") if self.metrics_path else None  # noqa: SIM115
         self._t0 = self._t_settled = time.perf_counter()
         self._last_print = 0.0
-        self._pending: tuple | None = None
-        #: settle each update's check one update late (GPU: no host-device sync per unit)
-        self.defer_checks = bool(getattr(self.be, "stage_in_background", False))
+        self._pending: collections.deque = collections.deque()
+        #: updates between one's queuing and its check (GPU: a small unit's work is shorter
+        #: than the host's turn around one update, so one update of slack idles the device)
+        self.check_lag = SETTLE_LAG if getattr(self.be, "stage_in_background", False) else 0
         self.proc = psutil.Process()
 
     # -- updates -------------------------------------------------------------------------
@@ -96,10 +100,10 @@ class Session:
     def update(self, z: float, loss_sum: Any, where: str, **log: Any) -> None:
         """Normalise the accumulated gradient by z, clip, step; zero the gradient.
 
-        The loss and the norm stay on the device: the finiteness check of this update and its
-        "step" record are settled at the next update (or before anything is saved), so on the
-        GPU the host queues the next unit while this one still runs. A NaN/Inf is still caught
-        before any checkpoint holds it."""
+        The loss and the norm stay on the device: on the GPU the finiteness check of this
+        update and its "step" record are settled SETTLE_LAG updates later (or before anything
+        is saved), so the host queues the next units while this one still runs. A NaN/Inf is
+        still caught before any checkpoint holds it."""
         xp = self.be.xp
         loss_sum = xp.asarray(loss_sum)
         ok = xp.isfinite(loss_sum) & xp.isfinite(self.grad).all()
@@ -108,20 +112,21 @@ class Session:
         norm = self.opt.clip(self.grad)
         self.opt.step(self.params, self.grad, lr)
         self.grad[...] = 0
-        pending = (ok, loss_sum, norm, z, lr, where, self.pos.update, self.pos.epoch, log)
-        self.settle()
+        self._pending.append((ok, loss_sum, norm, z, lr, where, self.pos.update, self.pos.epoch,
+                              log))
         self.pos.update += 1
-        self._pending = pending
-        if not self.defer_checks:
-            self.settle()
+        while len(self._pending) > self.check_lag:
+            self._settle_one()
 
     def settle(self) -> None:
-        """Check and log the last update (waits for the device to have computed it)."""
-        if self._pending is None:
-            return
-        ok, loss_sum, norm, z, lr, where, update, epoch, log = self._pending
-        self._pending = None
+        """Check and log every pending update (waits for the device to have computed them)."""
+        while self._pending:
+            self._settle_one()
+
+    def _settle_one(self) -> None:
+        ok, loss_sum, norm, z, lr, where, update, epoch, log = self._pending.popleft()
         if not bool(ok):
+            self._pending.clear()
             self.pos.update = update
             self.check_finite(loss_sum, where, ok)
         now = time.perf_counter()

@@ -131,7 +131,8 @@ def stage(be, store: TrieStore, i: int, max_rows: int, w: Weighting) -> Staged:
 
 def _nbytes(b: Batch) -> int:
     t, lay = b.targets, b.layout
-    arrays = [b.tokens, t.rows, t.row, t.token, t.coef, t.row_coef] if t else [b.tokens]
+    arrays = [b.tokens, t.row, t.token, t.coef, t.row_coef] if t else [b.tokens]
+    arrays += [t.rows] if t and not isinstance(t.rows, slice) else []
     arrays += [getattr(lay, n) for n in ("parent", "depth", "anc") if hasattr(lay, n)]
     return sum(int(a.nbytes) for a in arrays)
 
