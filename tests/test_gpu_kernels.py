@@ -296,3 +296,31 @@ def test_xent_counts_kernel(gpu, dtype, v) -> None:
     close(d, d_ref, dtype)
     scale = float(np.abs(row_coef).sum() * np.abs(logits).max()) + 1.0   # the loss is a
     assert abs(float(loss) - float(loss_ref)) <= TOL[dtype] * scale      # difference of sums
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name, extra", [("sgd", {}), ("sgd", {"weight_decay": 0.1}),
+                                         ("momentum", {"weight_decay": 0.01}),
+                                         ("adam", {"weight_decay": 0.1}), ("adamw", {}),
+                                         ("adamw", {"weight_decay": 0.05}), ("rmsprop", {}),
+                                         ("rmsprop", {"bias_correction": True, "weight_decay": 0.1})])
+def test_fused_optimizer_step(gpu, dtype, name: str, extra: dict) -> None:
+    """CupyBackend.optimizer_step (one kernel) against Optimizer.step's generic array code,
+    over three updates (bias corrections depend on the step count)."""
+    from agpt.gpu.kernels import optimizer_step
+    from agpt.train.optim import OptimConfig, Optimizer
+    rng = np.random.default_rng(len(name))
+    p0 = rng.standard_normal(10_007).astype(dtype)
+    cfg = OptimConfig(name, lr=3e-3, beta2=0.99, **extra)
+    ref = Optimizer(cfg, cp, cp.asarray(p0))
+    fused = Optimizer(cfg, cp, cp.asarray(p0), fused=lambda *a: optimizer_step(*a))
+    pr, pf = cp.asarray(p0), cp.asarray(p0)
+    for _ in range(3):
+        g = cp.asarray(rng.standard_normal(p0.size).astype(dtype))
+        ref.step(pr, g, 3e-3)
+        fused.step(pf, g, 3e-3)
+    tol = 1e-6 if dtype == np.float32 else 1e-13      # FMA contraction: a few ulps
+    np.testing.assert_allclose(cp.asnumpy(pf), cp.asnumpy(pr), rtol=tol, atol=tol)
+    for k in ref.slots:
+        np.testing.assert_allclose(cp.asnumpy(fused.slots[k]), cp.asnumpy(ref.slots[k]),
+                                   rtol=tol, atol=tol * 0.1)

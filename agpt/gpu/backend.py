@@ -188,6 +188,10 @@ class CupyBackend(NumpyBackend):
         self.blas.gemm(ones, x, out=out[None, :], acc=True, tf32=self.tf32)
         return out
 
+    def optimizer_step(self, cfg, params, grad, slots, lr, t) -> None:
+        """The optimizer update in one kernel (Optimizer.step's generic code is the reference)."""
+        self.k.optimizer_step(cfg, params, grad, slots, lr, t)
+
     def gather_rows(self, table, idx):
         return self.k.gather_rows(table, idx)
 

@@ -11,6 +11,7 @@
 | `add_bias`, `bias_relu`, `relu_backward`, `gather_rows` | `NumpyBackend.add_bias`, `.bias_relu`, `.relu_backward`, `.gather_rows` |
 | `qkv_heads`, `qkv_heads_backward` | `NumpyBackend.qkv_heads`, `.qkv_heads_backward` |
 | `xent_counts`             | `NumpyBackend.xent_counts`                   |
+| `optimizer_step`          | `agpt.train.optim.Optimizer.step` (generic)  |
 | `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
 
 Scoped attention never gathers ancestors. It works on tiles of consecutive rows in depth-first
@@ -1050,6 +1051,54 @@ def relu_backward(dr: Any, r: Any, col_sums: bool = False) -> tuple[Any, Any]:
         (blocks,), (cv, ry), (dr, r, part, cp.int64(n), cp.int32(cv), cp.int64(rpb)),
         shared_mem=ry * cv * (16 if vec else dr.itemsize))
     return dr, part
+
+
+# Optimizer updates, one kernel each (reference: agpt.train.optim.Optimizer.step, whose
+# scalar factors are formed in double precision as here). `decay` = lr x the decoupled weight
+# decay (adamw, rmsprop, sgd, momentum); `l2` is adam's decay added to the gradient.
+_sgd_step = cp.ElementwiseKernel(
+    "T g, T lr, T decay", "T p", "p -= decay * p; p -= lr * g;", "agpt_sgd_step")
+_momentum_step = cp.ElementwiseKernel(
+    "T g, T lr, T decay, T beta", "T p, T m",
+    "p -= decay * p; m = m * beta + g; p -= lr * m;", "agpt_momentum_step")
+_adam_step = cp.ElementwiseKernel(
+    "T g0, T lr, T decay, T l2, T b1, T omb1, T b2, T omb2, T c1, T c2, T eps", "T p, T m, T v",
+    """
+    p -= decay * p;
+    const T g = g0 + l2 * p;
+    m = m * b1 + omb1 * g;
+    v = v * b2 + omb2 * g * g;
+    p -= lr * (m / c1) / (sqrt(v / c2) + eps);
+    """, "agpt_adam_step")
+_rmsprop_step = cp.ElementwiseKernel(
+    "T g, T lr, T decay, T b2, T omb2, T c2, T eps", "T p, T v",
+    """
+    p -= decay * p;
+    v = v * b2 + omb2 * g * g;
+    p -= lr * g / (sqrt(v / c2) + eps);
+    """, "agpt_rmsprop_step")
+
+
+def optimizer_step(cfg: Any, params: Any, grad: Any, slots: dict[str, Any], lr: float,
+                   t: int) -> None:
+    """One update of optimizer `cfg.name` in place (t: this update's 1-based count)."""
+    T = params.dtype.type
+    decay = T(lr * cfg.weight_decay if cfg.name != "adam" else 0.0)
+    if cfg.name == "sgd":
+        _sgd_step(grad, T(lr), decay, params)
+    elif cfg.name == "momentum":
+        _momentum_step(grad, T(lr), decay, T(cfg.beta1), params, slots["m"])
+    elif cfg.name in ("adam", "adamw"):
+        l2 = T(cfg.weight_decay if cfg.name == "adam" else 0.0)
+        _adam_step(grad, T(lr), decay, l2, T(cfg.beta1), T(1 - cfg.beta1), T(cfg.beta2),
+                   T(1 - cfg.beta2), T(1 - cfg.beta1 ** t), T(1 - cfg.beta2 ** t), T(cfg.eps),
+                   params, slots["m"], slots["v"])
+    elif cfg.name == "rmsprop":
+        c2 = 1 - cfg.beta2 ** t if cfg.bias_correction else 1.0
+        _rmsprop_step(grad, T(lr), decay, T(cfg.beta2), T(1 - cfg.beta2), T(c2), T(cfg.eps),
+                      params, slots["v"])
+    else:
+        raise ValueError(f"no fused update for {cfg.name!r}")
 
 
 def embedding_backward(dst: Any, tokens: Any, src: Any) -> bool:

@@ -67,8 +67,10 @@ class Optimizer:
     """State (slots + step count) and the update rule; slots are flat arrays like the params."""
 
     def __init__(self, cfg: OptimConfig, xp: Any, params: Any, slots: dict[str, Any] | None = None,
-                 t: int = 0):
-        self.cfg, self.xp, self.t = cfg, xp, t
+                 t: int = 0, fused: Any = None):
+        """`fused`: a backend's one-kernel update (CupyBackend.optimizer_step), same rule as
+        `step` below, which stays the reference."""
+        self.cfg, self.xp, self.t, self.fused = cfg, xp, t, fused
         self.slots = {k: (xp.asarray(slots[k]) if slots and k in slots else xp.zeros_like(params))
                       for k in SLOTS[cfg.name]}
 
@@ -84,6 +86,9 @@ class Optimizer:
     def step(self, params: Any, grad: Any, lr: float) -> None:
         c, xp = self.cfg, self.xp
         self.t += 1
+        if self.fused is not None:
+            self.fused(c, params, grad, self.slots, lr, self.t)
+            return
         if c.weight_decay and c.name != "adam":
             params -= lr * c.weight_decay * params
         if c.name == "sgd":

@@ -71,7 +71,8 @@ class Session:
         self.grad = xp.zeros_like(self.params)
         self.opt = Optimizer(self.optim, xp, self.params,
                              {k: self.be.asarray(v, self.be.dtype) for k, v in self.ck.opt_state.items()},
-                             int(self.ck.state.get("optimizer_t", 0)))
+                             int(self.ck.state.get("optimizer_t", 0)),
+                             getattr(self.be, "optimizer_step", None))
         p = self.ck.state.get("position")
         if p:
             self.pos = Position(**p)
