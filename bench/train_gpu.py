@@ -160,7 +160,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--gradients", default="exact")
     ap.add_argument("--tf32", action="store_true")
-    ap.add_argument("--loaders", type=int, default=2)
+    ap.add_argument("--loaders", type=int, default=0, help="0: the trainer's default (4 on the GPU)")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="launch every unit's kernels from Python (no graph replay)")
     ap.add_argument("--workdir", default=None)

@@ -86,8 +86,9 @@ def _optim(recipe: dict, kw: dict):
               help="GPU: device memory this run may take (half for activations, the rest for "
                    "staged and cached partitions); bigger partitions are chunked (same math) "
                    "[0: 90%% of free memory].")
-@click.option("--loaders", type=int, default=2, show_default=True,
-              help="Threads reading (and, on the GPU, staging) the next partitions.")
+@click.option("--loaders", type=int, default=0, show_default=True,
+              help="Threads reading (and, on the GPU, staging) the next partitions "
+                   "(0: 4 on the GPU, 2 on the CPU).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="GPU: replay each small cached partition's forward and backward as one CUDA "
                    "graph from the second epoch on (same math, less launch overhead).")
