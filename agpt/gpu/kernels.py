@@ -311,8 +311,9 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
     const int S = TILE + dm - 1;
     T* Ks = reinterpret_cast<T*>(smem);
     T* Vs = Ks + S * EP;
+    // offsets from smem (not pointer casts) keep every access a shared-memory instruction
     unsigned short* A = reinterpret_cast<unsigned short*>(
-        (reinterpret_cast<size_t>(Vs + S * EP) + 15) & ~(size_t)15);
+        smem + ((2 * S * EP * (int)sizeof(T) + 15) & ~15));
     T* Qs = Ks;                          // phase 2: over the slots' K/V (and A); Ds shifted by
     T* Ds = Qs + TILE * E + CW;          // one chunk so that Q and dO parts use distinct banks
     PDs* PD = reinterpret_cast<PDs*>(A + dm * TILE);          // (dm, TILE), not if truncated
