@@ -397,27 +397,31 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
         T* dst = kind ? dv : dk;
         double* dstb = kind ? dvb : dkb;
         int cur = j < na ? TILE + j : -1;
-        T acc[EC], x[EC];
+        T acc[EC];
 #pragma unroll
         for (int e = 0; e < EC; ++e) acc[e] = (T)0;
         // rows not under level j (depth <= j, or past the last row) add 0 * (a finite value)
         for (int r0 = 0; r0 < rows; r0 += 4) {
             const int4 d4 = *reinterpret_cast<const int4*>(deps + r0);
+            if (max(max(d4.x, d4.y), max(d4.z, d4.w)) <= j) continue;   // no row under level j
             const int dd[4] = {d4.x, d4.y, d4.z, d4.w};
+            T c[4], x[4][EC];            // all loads of the 4 rows first, then the sums
 #pragma unroll
             for (int m = 0; m < 4; ++m) {
-                const int r = r0 + m, d = dd[m];
-                if (d == j + 1) {        // row r starts slot r of level j
+                const PDs w = P[(r0 + m) ^ sw];
+                c[m] = dd[m] > j ? (kind ? w.p : w.ds) : (T)0;
+                lds_part(X + (r0 + m) * E, x[m]);
+            }
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                if (dd[m] == j + 1) {    // row r0 + m starts slot r0 + m of level j
                     if (cur >= 0) put_part(cur, acc, mul, h, part, rowof, side, dst, dstb);
-                    cur = r;
+                    cur = r0 + m;
 #pragma unroll
                     for (int e = 0; e < EC; ++e) acc[e] = (T)0;
                 }
-                const PDs w = P[r ^ sw];
-                const T c = d > j ? (kind ? w.p : w.ds) : (T)0;
-                lds_part(X + r * E, x);
 #pragma unroll
-                for (int e = 0; e < EC; ++e) acc[e] += c * x[e];
+                for (int e = 0; e < EC; ++e) acc[e] += c[m] * x[m][e];
             }
         }
         if (cur >= 0) put_part(cur, acc, mul, h, part, rowof, side, dst, dstb);
