@@ -18,11 +18,13 @@ preorder, one block per (tile, head): the union of the contexts of rows [a, a + 
 rows plus a's ancestors (an ancestor before a of a tile row is an ancestor of a, subtrees being
 contiguous), so a block loads the K/V of at most T + D - 1 "slots" into shared memory once and
 every row walks its ancestors there, root first (the lanes of a warp then mostly read the same
-slot: broadcasts). The backward also lists the (row, ancestor) pairs level by level, which puts
-the pairs of one ancestor in one contiguous run, and splits the list evenly among the threads:
-the K/V gradient sums are balanced, summed in registers and stored once. Only ancestors of a
-later tile's first row (under D per tile) get contributions from several tiles; those are
-summed over tiles in float64 (atomics), so their order changes nothing at fp32 precision.
+slot: broadcasts). The backward keeps p and ds of every (level, row) pair in shared memory and
+sums the K/V gradients level by level: in preorder the rows under one ancestor of depth j + 1
+are that ancestor and the deeper rows after it, so one thread per (level, dk or dv, part of E)
+sweeps the tile rows with a running sum in registers, reading each row as a broadcast, and
+stores each sum once. Only ancestors of a later tile's first row (under D per tile) get
+contributions from several tiles; those are summed over tiles in float64 (atomics), so their
+order changes nothing at fp32 precision.
 Kernels are compiled per (H, E, D, element type) on first use (float32 or float64).
 """
 
