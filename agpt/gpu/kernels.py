@@ -19,11 +19,13 @@ preorder, one block per (tile, head): the union of the contexts of rows [a, a + 
 rows plus a's ancestors (an ancestor before a of a tile row is an ancestor of a, subtrees being
 contiguous), so a block loads the K/V of at most T + D - 1 "slots" into shared memory once and
 every row walks its ancestors there, root first (the lanes of a warp then mostly read the same
-slot: broadcasts). The backward also lists the (row, ancestor) pairs level by level, which puts
-the pairs of one ancestor in one contiguous run, and splits the list evenly among the threads:
-the K/V gradient sums are balanced, summed in registers and stored once. Only ancestors of a
-later tile's first row (under D per tile) get contributions from several tiles; those are
-summed over tiles in float64 (atomics), so their order changes nothing at fp32 precision.
+slot: broadcasts). The backward keeps p and ds of every (level, row) pair in shared memory and
+sums the K/V gradients level by level: in preorder the rows under one ancestor of depth j + 1
+are that ancestor and the deeper rows after it, so one thread per (level, dk or dv, part of E)
+sweeps the tile rows with a running sum in registers, reading each row as a broadcast, and
+stores each sum once. Only ancestors of a later tile's first row (under D per tile) get
+contributions from several tiles; those are summed over tiles in float64 (atomics), so their
+order changes nothing at fp32 precision.
 Kernels are compiled per (H, E, D, element type) on first use (float32 or float64).
 """
 
@@ -38,7 +40,7 @@ import cupy as cp
 _ATTENTION = r"""
 #define FULL 0xffffffffu
 #define NW (TILE / 32)
-static_assert(TILE % 32 == 0 && TILE <= 256, "list entries hold a tile row in 8 bits");
+static_assert(TILE % 32 == 0 && TILE <= 256, "tiles of whole warps, slots in 16 bits");
 // elements per 16-byte chunk; smem rows padded by 16 bytes so that the rows read by 8
 // consecutive lanes (one 128-byte wavefront of 16-byte loads) fall on distinct banks
 #if VEC
@@ -232,41 +234,73 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_fwd(
     lse[i * H + h] = m + log(l);
 }
 
-// the complete K/V gradient of slot s from this block: a plain store when every row that
-// attends to it is in the tile (side < 0), else float64 atomics into its boundary-row slot
-__device__ __forceinline__ void put_kv(const int s, const T* ak, const T* av, const T scale,
-    const int h, const int* rowof, const int* side, T* __restrict__ dk, T* __restrict__ dv,
-    double* __restrict__ dkb, double* __restrict__ dvb)
-{
-    const int b = side[s];
-    if (b < 0) {
-        const long long off = ((long long)rowof[s] * H + h) * E;
-        T sk[E];
+// Phase 2 (K/V gradients) splits E: task (level j, dk or dv, part) sums EC elements.
+constexpr int NS = (E % (2 * CW) == 0) ? 2 : 1;
+constexpr int EC = E / NS;
+struct __align__(2 * sizeof(T)) PDs { T p, ds; };
+
+// PD index of (level j, tile row r): rows XOR-swizzled by j so that the tasks of 8
+// consecutive levels reading one row's entries hit distinct banks
+__device__ __forceinline__ int pd_at(const int j, const int r) { return j * TILE + (r ^ (j & 15)); }
+
+// EC elements (one part of a row): shared to registers, registers to global
+__device__ __forceinline__ void lds_part(const T* p, T* r) {
 #pragma unroll
-        for (int e = 0; e < E; ++e) sk[e] = ak[e] * scale;
-        stg_row(dk + off, sk);
-        stg_row(dv + off, av);
-    } else {
-        const long long off = ((long long)b * H + h) * E;
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-            atomicAdd(dkb + off + e, (double)(ak[e] * scale));
-            atomicAdd(dvb + off + e, (double)av[e]);
+    for (int e = 0; e < EC; e += CW) {
+#if VEC
+        if (sizeof(T) == 4) {
+            const float4 t = *reinterpret_cast<const float4*>(p + e);
+            r[e] = t.x; r[e + 1] = t.y; r[e + 2] = t.z; r[e + 3] = t.w;
+        } else {
+            const double2 t = *reinterpret_cast<const double2*>(p + e);
+            r[e] = t.x; r[e + 1] = t.y;
         }
+#else
+        r[e] = p[e];
+#endif
     }
 }
 
-// Block (tile, head). dq: each row walks its slots (row-centric, stored). dk/dv: every
-// (row, ancestor slot) pair is listed level by level (depth of the slot), rows ascending, so
-// the pairs of one slot are one contiguous run; each thread takes an equal share of the list
-// and sums the runs in registers (a run split between threads is finished by the thread where
-// it starts, adding the partial sums the others left in shared memory, in thread order).
-// Rows whose every descendant is in the tile get a plain store; the others (ancestors of a
-// later tile's first row) are summed over tiles in float64 (dkb/dvb, zeroed, indexed by
-// bidx) and copied out by tree_attn_side. With `truncated`, row i's K/V get only i's own term.
-// Shared memory bounds the blocks per SM, so the tile's Q and dO (read by the K/V gradient
-// phase) replace the slots' K/V (read by the dq phase) in one region; that phase reads a
-// slot's K/V from global memory once per run.
+// the complete K/V gradient part of slot s from this block: a plain store when every row
+// that attends to it is in the tile (side < 0), else float64 atomics into its boundary-row slot
+__device__ __forceinline__ void put_part(const int s, const T* acc, const T mul, const int h,
+    const int part, const int* rowof, const int* side, T* __restrict__ dst, double* __restrict__ dstb)
+{
+    const int b = side[s];
+    T x[EC];
+#pragma unroll
+    for (int e = 0; e < EC; ++e) x[e] = acc[e] * mul;
+    if (b < 0) {
+        T* p = dst + ((long long)rowof[s] * H + h) * E + part * EC;
+#pragma unroll
+        for (int e = 0; e < EC; e += CW) {
+#if VEC
+            if (sizeof(T) == 4)
+                *reinterpret_cast<float4*>(p + e) = make_float4(x[e], x[e + 1], x[e + 2], x[e + 3]);
+            else
+                *reinterpret_cast<double2*>(p + e) = make_double2(x[e], x[e + 1]);
+#else
+            p[e] = x[e];
+#endif
+        }
+    } else {
+        double* p = dstb + ((long long)b * H + h) * E + part * EC;
+#pragma unroll
+        for (int e = 0; e < EC; ++e) atomicAdd(p + e, (double)x[e]);
+    }
+}
+
+// Block (tile, head). Phase 1, one thread per row: each row walks its slots root first (K/V
+// in shared memory, mostly broadcasts), accumulates dq and keeps p and ds of every (row,
+// level) pair in shared memory (PD). Phase 2, the K/V gradients: the tile rows' Q and dO
+// replace the slots' K/V in shared memory and each thread takes one (level j, dk or dv, part
+// of E) task: it sweeps the tile rows in order; in depth-first preorder the rows that attend to
+// one slot of level j (depth j + 1) are that row and the following rows deeper than j + 1,
+// so the sum of the current slot is kept in registers, a row of depth j + 1 starts the next
+// slot, and every read of a row is a broadcast. Rows whose every descendant is in the tile get
+// a plain store; the others (ancestors of a tile's first row) are summed over tiles in float64
+// (dkb/dvb, zeroed, indexed by bidx) and copied out by tree_attn_side. With `truncated`, row
+// i's K/V get only i's own term (phase 1 stores it; no phase 2).
 extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const T* __restrict__ o, const T* __restrict__ dout, const T* __restrict__ lse,
@@ -277,25 +311,21 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
     double* __restrict__ dkb, double* __restrict__ dvb)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int total;
-    const int S = TILE + dm - 1, qn = truncated ? 0 : TILE;
+    const int S = TILE + dm - 1;
     T* Ks = reinterpret_cast<T*>(smem);
     T* Vs = Ks + S * EP;
-    T* Qs = Ks;                          // after the dq phase
-    T* Ds = Qs + TILE * EP;
-    T* HB = Ds + TILE * EP;              // (TILE, 2E) partial sums of runs split by threads
-    T* Ls = Ks + max(2 * S * EP, qn * (2 * EP + 2 * E));
-    T* Dis = Ls + qn;
-    int* ps = reinterpret_cast<int*>(Dis + qn);
+    // offsets from smem (not pointer casts) keep every access a shared-memory instruction
+    unsigned short* A = reinterpret_cast<unsigned short*>(
+        smem + ((2 * S * EP * (int)sizeof(T) + 15) & ~15));
+    T* Qs = Ks;                          // phase 2: over the slots' K/V (and A); Ds shifted by
+    T* Ds = Qs + TILE * E + CW;          // one chunk so that Q and dO parts use distinct banks
+    PDs* PD = reinterpret_cast<PDs*>(A + dm * TILE);          // (dm, TILE), not if truncated
+    int* deps = reinterpret_cast<int*>(PD + (truncated ? 0 : dm * TILE));   // 0 past the rows
+    int* ps = deps + TILE;
     int* side = ps + S;
     int* rowof = side + S;
-    unsigned* bal = reinterpret_cast<unsigned*>(rowof + S);   // (NW, dm) ballots: depth > j
-    int* woff = reinterpret_cast<int*>(bal + NW * dm);        // (NW, dm) list offsets
-    unsigned short* A = reinterpret_cast<unsigned short*>(woff + NW * dm);
-    unsigned short* list = A + dm * TILE;                      // row | level << 8
 
     const int tile = blockIdx.x / H, h = blockIdx.x % H, t = threadIdx.x;
-    const int lane = t & 31, w = t >> 5;
     const long long a = (long long)tile * TILE;
     const int rows = (int)min((long long)TILE, n - a);
     const int na = depth[a] - 1;
@@ -314,44 +344,18 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
         ldg_row(dout + (i * H + h) * E, dor);
         ldg_row(o + (i * H + h) * E, kr);
         di = dot(dor, kr);               // the same dot as dp: o = v exactly gives ds = 0
-        if (!truncated) { Ls[t] = L; Dis[t] = di; }
     }
+    deps[t] = dep;
     for (int j = t; j < na; j += TILE) {
         ps[TILE + j] = j ? TILE + j - 1 : -1;
         rowof[TILE + j] = anc[j];
         side[TILE + j] = bidx[anc[j]];
     }
-    if (!truncated) {
-        for (int j = 0; j < dm; ++j) {
-            const unsigned b = __ballot_sync(FULL, j < dep);
-            if (lane == 0) bal[w * dm + j] = b;
-        }
-    }
     __syncthreads();
     ancestor_table(ps, dep, A);
-    if (!truncated && w == 0) {         // level offsets, then per-warp offsets inside a level
-        int carry = 0;
-        for (int base = 0; base < dm; base += 32) {
-            const int j = base + lane;
-            int c = 0;
-            if (j < dm)
-                for (int x = 0; x < NW; ++x) c += __popc(bal[x * dm + j]);
-            int inc = c;
-            for (int off = 1; off < 32; off <<= 1) {
-                const int y = __shfl_up_sync(FULL, inc, off);
-                if (lane >= off) inc += y;
-            }
-            int run = carry + inc - c;
-            if (j < dm)
-                for (int x = 0; x < NW; ++x) { woff[x * dm + j] = run; run += __popc(bal[x * dm + j]); }
-            carry += __shfl_sync(FULL, inc, 31);
-        }
-        if (lane == 0) total = carry;
-    }
     copy_wait();
     __syncthreads();
     if (t < rows) {
-        const unsigned lt = (1u << lane) - 1u;
         T dqa[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) dqa[e] = (T)0;
@@ -364,7 +368,8 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
 #pragma unroll
             for (int e = 0; e < E; ++e) dqa[e] += ds * kr[e];
             if (!truncated) {
-                list[woff[w * dm + j] + __popc(bal[w * dm + j] & lt)] = (unsigned short)(t | (j << 8));
+                PDs w; w.p = p; w.ds = ds;
+                PD[pd_at(j, t)] = w;
             } else if (j == dep - 1) {      // s == t: the row's own K/V term
                 T ck[E], cv[E];
 #pragma unroll
@@ -378,72 +383,51 @@ extern "C" __global__ void __launch_bounds__(TILE) tree_attn_bwd(
         stg_row(dq + (i * H + h) * E, dqa);
     }
     if (truncated) return;               // uniform over the block
-    __syncthreads();
-    for (int c = t; c < rows * (E / CW); c += TILE) {
-        const int r = c / (E / CW), part = c % (E / CW);
-        const long long off = ((a + r) * H + h) * E + part * CW;
-        copy_chunk(Qs + r * EP + part * CW, q + off);
-        copy_chunk(Ds + r * EP + part * CW, dout + off);
-    }
-    copy_wait();
-    __syncthreads();
-    const int P = total;
-    const int b0 = (int)(((long long)t * P) / TILE), b1 = (int)(((long long)(t + 1) * P) / TILE);
-    T ak[E], av[E];
-    int cur = -1;
-    bool head = false;                   // the current run began in an earlier thread's share
-    for (int x = b0; x < b1; ++x) {
-        const int en = list[x], r = en & 255, s = A[(en >> 8) * TILE + r];
-        if (s != cur) {
-            if (cur >= 0) {
-                if (head) {
+    __syncthreads();                     // K/V and A read: the rows' Q and dO go there
+    if (t >= rows) {                     // rows past the last: zeros (weighted by 0 below)
 #pragma unroll
-                    for (int e = 0; e < E; ++e) { HB[t * 2 * E + e] = ak[e]; HB[t * 2 * E + E + e] = av[e]; }
-                } else {
-                    put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
+        for (int e = 0; e < E; ++e) { qr[e] = (T)0; dor[e] = (T)0; }
+    }
+    stg_row(Qs + t * E, qr);
+    stg_row(Ds + t * E, dor);
+    __syncthreads();
+    for (int u = t; u < dm * 2 * NS; u += TILE) {
+        const int j = u / (2 * NS), kind = (u / NS) & 1, part = u % NS;   // kind 1: dv
+        const T* X = (kind ? Ds : Qs) + part * EC;
+        const PDs* P = PD + j * TILE;
+        const int sw = j & 15;           // pd_at(j, r) == j * TILE + (r ^ sw)
+        const T mul = kind ? (T)1 : scale;
+        T* dst = kind ? dv : dk;
+        double* dstb = kind ? dvb : dkb;
+        int cur = j < na ? TILE + j : -1;
+        T acc[EC];
+#pragma unroll
+        for (int e = 0; e < EC; ++e) acc[e] = (T)0;
+        // rows not under level j (depth <= j, or past the last row) add 0 * (a finite value)
+        for (int r0 = 0; r0 < rows; r0 += 4) {
+            const int4 d4 = *reinterpret_cast<const int4*>(deps + r0);
+            if (max(max(d4.x, d4.y), max(d4.z, d4.w)) <= j) continue;   // no row under level j
+            const int dd[4] = {d4.x, d4.y, d4.z, d4.w};
+            T c[4], x[4][EC];            // all loads of the 4 rows first, then the sums
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                const PDs w = P[(r0 + m) ^ sw];
+                c[m] = dd[m] > j ? (kind ? w.p : w.ds) : (T)0;
+                lds_part(X + (r0 + m) * E, x[m]);
+            }
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                if (dd[m] == j + 1) {    // row r0 + m starts slot r0 + m of level j
+                    if (cur >= 0) put_part(cur, acc, mul, h, part, rowof, side, dst, dstb);
+                    cur = r0 + m;
+#pragma unroll
+                    for (int e = 0; e < EC; ++e) acc[e] = (T)0;
                 }
+#pragma unroll
+                for (int e = 0; e < EC; ++e) acc[e] += c[m] * x[m][e];
             }
-            if (x == b0 && x > 0) {
-                const int ep = list[x - 1];
-                head = A[(ep >> 8) * TILE + (ep & 255)] == s;
-            } else {
-                head = false;
-            }
-            cur = s;
-            const long long off = ((long long)rowof[s] * H + h) * E;
-            ldg_row(k + off, kr);
-            ldg_row(v + off, vr);
-#pragma unroll
-            for (int e = 0; e < E; ++e) { ak[e] = (T)0; av[e] = (T)0; }
         }
-        lds_row(Qs + r * EP, qr);
-        lds_row(Ds + r * EP, dor);
-        const T p = exp(dot(qr, kr) * scale - Ls[r]);
-        const T ds = p * (dot(dor, vr) - Dis[r]);
-#pragma unroll
-        for (int e = 0; e < E; ++e) { ak[e] += ds * qr[e]; av[e] += p * dor[e]; }
-    }
-    bool defer = false;
-    if (cur >= 0) {
-        if (head) {
-#pragma unroll
-            for (int e = 0; e < E; ++e) { HB[t * 2 * E + e] = ak[e]; HB[t * 2 * E + E + e] = av[e]; }
-        } else if (b1 < P && A[(list[b1] >> 8) * TILE + (list[b1] & 255)] == cur) {
-            defer = true;                // continues into later shares: finish after the barrier
-        } else {
-            put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
-        }
-    }
-    __syncthreads();
-    if (defer) {
-        for (int u = t + 1; u < TILE; ++u) {
-            const int c0 = (int)(((long long)u * P) / TILE), c1 = (int)(((long long)(u + 1) * P) / TILE);
-            if (c0 == c1) continue;
-            if (A[(list[c0] >> 8) * TILE + (list[c0] & 255)] != cur) break;
-#pragma unroll
-            for (int e = 0; e < E; ++e) { ak[e] += HB[u * 2 * E + e]; av[e] += HB[u * 2 * E + E + e]; }
-        }
-        put_kv(cur, ak, av, scale, h, rowof, side, dk, dv, dkb, dvb);
+        if (cur >= 0) put_part(cur, acc, mul, h, part, rowof, side, dst, dstb);
     }
 }
 
@@ -768,9 +752,8 @@ def tree_attention_backward(do: Any, q: Any, k: Any, v: Any, o: Any, lse: Any, p
         nb = 0 if truncated else len(tiles.brow)
         dkb = cp.zeros((max(nb, 1), h, e), dtype=cp.float64)
         dvb = cp.zeros((max(nb, 1), h, e), dtype=cp.float64)
-        qn = 0 if truncated else tile
-        smem = (isz * (max(2 * slots * ep, qn * (2 * ep + 2 * e)) + 2 * qn)
-                + 4 * (3 * slots + 2 * (tile // 32) * dm) + 2 * (dm * tile + (qn and dm * tile)))
+        pd = 0 if truncated else 2 * dm * tile        # (p, ds) of every (level, row)
+        smem = isz * (2 * slots * ep + pd) + 16 + 2 * dm * tile + 4 * (3 * slots + tile)
         _launch(_attention_fn(q.dtype, h, e, tile, "tree_attn_bwd"), smem, len(tiles.anc) * h, tile,
                 (q, k, v, o, do, lse, parent, depth, tiles.anc, tiles.bidx, cp.int32(n),
                  cp.int32(dm), q.dtype.type(e ** -0.5), cp.int32(int(truncated)),
