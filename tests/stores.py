@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
 
 from agpt.ingest import ingest
 from agpt.trie.plan import Plan, assign, make_plan
@@ -56,3 +57,30 @@ def plan_starts(tokens: np.ndarray, docs: list[tuple[int, int]], D: int, scheme:
     plan = make_plan(scheme, counts, V, D, budget)
     pid = assign(plan, tokens, starts, np.minimum(ends - starts, D + 1))
     return starts, ends, plan, pid, V
+
+
+RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
+                "count_value", "part_ptr")
+
+
+def assert_same_fields(a, b, fields: tuple[str, ...]) -> None:
+    """a and b hold equal arrays (same dtype, same values) under every name in `fields`."""
+    for f in fields:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype, f
+        np.testing.assert_array_equal(x, y, err_msg=f)
+
+
+@st.composite
+def corpora(draw, max_vocab: int, max_len: int, max_cuts: int, dtype=np.int64):
+    """(tokens, documents): a random token string of 2..max_len tokens from a vocabulary of
+    1..max_vocab, cut into up to max_cuts + 1 documents (at least one of >= 2 tokens)."""
+    V = draw(st.integers(1, max_vocab))
+    n = draw(st.integers(2, max_len))
+    toks = np.array(draw(st.lists(st.integers(0, V - 1), min_size=n, max_size=n)), dtype)
+    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=max_cuts)))
+    b = [0, *cuts, n]
+    docs = [(x, y) for x, y in zip(b[:-1], b[1:], strict=True)]
+    if all(y - x < 2 for x, y in docs):
+        docs = [(0, n)]
+    return toks, docs

@@ -9,7 +9,7 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stores import plan_starts
+from stores import RADIX_FIELDS, assert_same_fields, corpora, plan_starts
 
 from agpt.errors import AgptError
 from agpt.ingest import ingest
@@ -20,8 +20,6 @@ from agpt.trie.keys import gather_keys, sort_keys
 from agpt.trie.radix import RadixTrie, expand, prune, radix_from_keys
 from pipelines.build import BuildConfig, build_trie
 
-RADIX_FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
-                "count_value", "part_ptr")
 RADIX_ARRAYS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
                 "count_value")
 
@@ -40,27 +38,11 @@ def pipeline_radix(tokens: np.ndarray, docs: list[tuple[int, int]], D: int, sche
 
 
 def assert_same(a: RadixTrie, b: RadixTrie) -> None:
-    for f in RADIX_FIELDS:
-        x, y = getattr(a, f), getattr(b, f)
-        assert x.dtype == y.dtype, f
-        np.testing.assert_array_equal(x, y, err_msg=f)
-
-
-@st.composite
-def corpora(draw):
-    V = draw(st.integers(1, 4))
-    n = draw(st.integers(2, 70))
-    toks = np.array(draw(st.lists(st.integers(0, V - 1), min_size=n, max_size=n)), np.uint8)
-    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=3)) if n > 1 else [])
-    b = [0, *cuts, n]
-    docs = [(x, y) for x, y in zip(b[:-1], b[1:], strict=True)]
-    if all(y - x < 2 for x, y in docs):
-        docs = [(0, n)]
-    return toks, docs
+    assert_same_fields(a, b, RADIX_FIELDS)
 
 
 @settings(max_examples=200, deadline=None)
-@given(c=corpora(), D=st.integers(1, 14), scheme=st.sampled_from(["unigram", "bigram", "auto"]),
+@given(c=corpora(4, 70, 3, np.uint8), D=st.integers(1, 14), scheme=st.sampled_from(["unigram", "bigram", "auto"]),
        budget=st.integers(1, 25), min_mass=st.sampled_from([0, 0, 2, 3]), min_depth=st.integers(0, 6))
 def test_compact_inverts_expand(c, D, scheme, budget, min_mass, min_depth) -> None:
     toks, docs = c

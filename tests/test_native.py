@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stores import plan_starts
+from stores import RADIX_FIELDS, assert_same_fields, corpora, plan_starts
 
 from agpt.store.format import token_dtype
 from agpt.trie import native
 from agpt.trie.keys import adjacent_lcp, gather_keys, sort_keys, sort_keys_reference
 from agpt.trie.radix import radix_from_keys, radix_from_keys_reference
-
-FIELDS = ("parent", "head", "mass", "edge_ptr", "edge_tokens", "count_ptr", "count_token",
-          "count_value", "part_ptr")
 
 
 def lex_order(keys: np.ndarray) -> np.ndarray:
@@ -110,27 +107,11 @@ def _check_same(tokens, docs, D, scheme, budget=None):
     np.testing.assert_array_equal(a.seg_ptr, b.seg_ptr)
     ra = radix_from_keys_reference(a, token_dtype(V))
     rb = radix_from_keys(b, token_dtype(V))
-    for f in FIELDS:
-        x, y = getattr(ra, f), getattr(rb, f)
-        assert x.dtype == y.dtype, f
-        np.testing.assert_array_equal(x, y, err_msg=f)
-
-
-@st.composite
-def corpora(draw):
-    V = draw(st.integers(1, 5))
-    n = draw(st.integers(2, 120))
-    toks = np.array(draw(st.lists(st.integers(0, V - 1), min_size=n, max_size=n)), np.int64)
-    cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=4)))
-    b = [0, *cuts, n]
-    docs = [(x, y) for x, y in zip(b[:-1], b[1:], strict=True)]
-    if all(y - x < 2 for x, y in docs):
-        docs = [(0, n)]
-    return toks, docs
+    assert_same_fields(ra, rb, RADIX_FIELDS)
 
 
 @settings(max_examples=150, deadline=None)
-@given(c=corpora(), D=st.integers(1, 14), scheme=st.sampled_from(["unigram", "bigram", "auto"]),
+@given(c=corpora(5, 120, 4), D=st.integers(1, 14), scheme=st.sampled_from(["unigram", "bigram", "auto"]),
        budget=st.integers(1, 40))
 def test_radix_matches_reference(c, D: int, scheme: str, budget: int) -> None:
     tokens, docs = c
