@@ -211,6 +211,46 @@ def test_relu_and_bias_kernels(gpu, dtype, n: int, cols: int) -> None:
           dtype)
 
 
+@pytest.mark.parametrize("n", [70_001, 4_000, 33, 1])
+@pytest.mark.parametrize("d, f", [(64, 256), (32, 384), (64, 96)])
+def test_thin_linear_kernels(gpu, n: int, d: int, f: int) -> None:
+    """relu(x @ w1 + b1) and its backward in one pass (thin_gemm: 128 | f) against the
+    reference, tails of a 32-row tile included; f = 96 takes the cuBLAS + row-kernel path."""
+    from agpt.gpu import kernels
+    rng = np.random.default_rng(n + f)
+    x, dy = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
+    w1, w2 = rng.standard_normal((d, f)).astype(np.float32), rng.standard_normal((f, d)).astype(np.float32)
+    b1, db0 = (rng.standard_normal(f).astype(np.float32) for _ in range(2))
+    x[::5, :] = 0                                 # rows at the kink: x @ w1 + b1 == b1
+    b1[::3] = 0
+    assert kernels.thin_applies(cp.asarray(x), cp.asarray(w1), False) == (f % 128 == 0)
+    poison()
+    r = gpu.linear_relu(cp.asarray(x), cp.asarray(w1), cp.asarray(b1))
+    r_ref = REF.linear_relu(x.astype(np.float64), w1.astype(np.float64), b1.astype(np.float64))
+    close(r, r_ref, np.float32)
+    r_ref = cp.asnumpy(r).astype(np.float64)      # the same mask on both sides
+    db, db_ref = cp.asarray(db0), db0.astype(np.float64)
+    poison()
+    df = gpu.relu_linear_backward(cp.asarray(dy), cp.asarray(w2), r, db)
+    close(df, REF.relu_linear_backward(dy.astype(np.float64), w2.astype(np.float64), r_ref, db_ref),
+          np.float32)
+    close(db, db_ref, np.float32)
+
+
+def test_thin_linear_takes_the_models_ffn(gpu) -> None:
+    """The micro preset's FFN weights (views into the flat parameters) are aligned for the
+    one-pass kernels, so training takes them, not the fallback."""
+    from agpt.gpu import kernels
+    from agpt.model.config import preset
+    from agpt.model.params import init_params, views
+    cfg = preset("micro", 65, 32)
+    p = views(cp.asarray(init_params(cfg, np.random.default_rng(0))), cfg)
+    x = cp.zeros((10, cfg.d_model), cp.float32)
+    for i in range(cfg.n_layers):
+        assert kernels.thin_applies(x, p[f"l{i}.ff1.w"], False, p[f"l{i}.ff1.b"])
+        assert kernels.thin_applies(x, p[f"l{i}.ff2.w"], True)
+
+
 def test_sum_rows_kernel(gpu) -> None:
     rng = np.random.default_rng(9)
     dr = rng.standard_normal((70_001, 96)).astype(np.float32)

@@ -92,6 +92,17 @@ class NumpyBackend:
             self.sum_rows(df, out=db)
         return df
 
+    def linear_relu(self, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """relu(x @ w + b): the FFN's first layer (its output is what the backward keeps)."""
+        return self.bias_relu(self.matmul(x, w), b)
+
+    def relu_linear_backward(self, dy: np.ndarray, w: np.ndarray, r: np.ndarray,
+                             db: np.ndarray) -> np.ndarray:
+        """(dy @ w.T) masked by r > 0: the gradient at the pre-activation of r = relu(f + b)
+        from dy, the gradient at r @ w (w: the next layer's weight). Adds its column sums,
+        the gradient of b, into db."""
+        return self.relu_backward(self.matmul(dy, w, tb=True), r, db=db)
+
     def gather_rows(self, table: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """table[idx]: the token embeddings of a batch."""
         return table[idx]

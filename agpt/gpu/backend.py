@@ -207,6 +207,19 @@ class CupyBackend(NumpyBackend):
             self.sum_rows(df if part is None else part, out=db)
         return df
 
+    def linear_relu(self, x, w, b):
+        # one pass instead of a cuBLAS product plus a bias+ReLU pass over the (N, d_ff) result
+        if self.k.thin_applies(x, w, False, b):
+            return self.k.linear_relu(x, w, b)
+        return super().linear_relu(x, w, b)
+
+    def relu_linear_backward(self, dy, w, r, db):
+        if self.k.thin_applies(dy, w, True, r):
+            df, part = self.k.relu_linear_backward(dy, w, r)
+            self.sum_rows(part, out=db)
+            return df
+        return super().relu_linear_backward(dy, w, r, db)
+
     def layernorm(self, x, g, b, eps):
         return self.k.layernorm(cp.ascontiguousarray(x), g.astype(x.dtype, copy=False),
                                 b.astype(x.dtype, copy=False), eps)

@@ -957,6 +957,119 @@ extern "C" __global__ void relu_back_db(VT* d, const VT* r, T* part, long long n
 }
 """
 
+_THIN = r"""
+// Y (N, NC) = epilogue(X (N, KD) @ B), B (KD, NC) = W, or W^T for a (NC, KD) W with TRANS_B:
+// a product with a thin inner dimension (d_model) whose whole B fits in shared memory, with
+// the bandwidth-bound pass that follows it done on the tile in registers.
+//   EPI 1: Y = relu(acc + bias)                     (the FFN's first layer)
+//   EPI 2: Y = acc where R > 0 else 0, and per block the column sums of Y in part[block, :]
+//          (the gradient at that layer's pre-activation, and its bias gradient)
+// Blocks of 4 warps loop over tiles of TM = 32 rows; warp w computes tile rows 8w .. 8w + 7,
+// lane l the columns 128g + 4l .. 128g + 4l + 3 (g < NC / 128): X is read from shared memory
+// as broadcasts, B as consecutive 16-byte vectors, Y stored as whole 512-byte rows per warp.
+#define TM 32
+#define CG (NC / 128)
+static_assert(NC % 128 == 0 && KD % 4 == 0, "thin_gemm shape");
+
+extern "C" __global__ void __launch_bounds__(128)
+thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
+          const float* __restrict__ bias, const float* __restrict__ R, float* __restrict__ Y,
+          float* __restrict__ part, long long n) {
+    extern __shared__ float4 smem4[];
+    float* Bs = reinterpret_cast<float*>(smem4);      // [KD][NC]
+    float* Xs = Bs + KD * NC;                         // [TM][KD]
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+#if TRANS_B
+    for (int i = tid; i < NC * KD / 4; i += 128) {
+        const int j = i / (KD / 4), k = (i % (KD / 4)) * 4;
+        const float4 v = __ldg(reinterpret_cast<const float4*>(W) + i);
+        Bs[(k + 0) * NC + j] = v.x; Bs[(k + 1) * NC + j] = v.y;
+        Bs[(k + 2) * NC + j] = v.z; Bs[(k + 3) * NC + j] = v.w;
+    }
+#else
+    for (int i = tid; i < KD * NC / 4; i += 128)
+        smem4[i] = __ldg(reinterpret_cast<const float4*>(W) + i);
+#endif
+#if EPI == 1
+    float4 bv[CG];
+#pragma unroll
+    for (int g = 0; g < CG; ++g) bv[g] = __ldg(reinterpret_cast<const float4*>(bias) + 32 * g + lane);
+#else
+    float cs[CG * 4];
+#pragma unroll
+    for (int j = 0; j < CG * 4; ++j) cs[j] = 0.f;
+#endif
+    for (long long t0 = (long long)blockIdx.x * TM; t0 < n; t0 += (long long)gridDim.x * TM) {
+        __syncthreads();                              // B stored; the last tile's X consumed
+        for (int i = tid; i < TM * KD / 4; i += 128) {
+            const long long row = t0 + i / (KD / 4);
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row < n) v = __ldg(reinterpret_cast<const float4*>(X + row * KD) + i % (KD / 4));
+            reinterpret_cast<float4*>(Xs)[i] = v;
+        }
+        __syncthreads();
+        float acc[8][CG * 4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < CG * 4; ++j) acc[i][j] = 0.f;
+        const float* xw = Xs + 8 * w * KD;
+#pragma unroll 2
+        for (int k = 0; k < KD; k += 4) {
+            float4 a[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) a[i] = *reinterpret_cast<const float4*>(xw + i * KD + k);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                float b[CG * 4];
+#pragma unroll
+                for (int g = 0; g < CG; ++g) {
+                    const float4 t = *reinterpret_cast<const float4*>(Bs + (k + kk) * NC + 128 * g + 4 * lane);
+                    b[4 * g] = t.x; b[4 * g + 1] = t.y; b[4 * g + 2] = t.z; b[4 * g + 3] = t.w;
+                }
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float av = reinterpret_cast<const float*>(&a[i])[kk];
+#pragma unroll
+                    for (int j = 0; j < CG * 4; ++j) acc[i][j] = fmaf(av, b[j], acc[i][j]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const long long row = t0 + 8 * w + i;
+            if (row >= n) break;
+#pragma unroll
+            for (int g = 0; g < CG; ++g) {
+                const long long at = row * NC + 128 * g + 4 * lane;
+                float4 v = make_float4(acc[i][4 * g], acc[i][4 * g + 1], acc[i][4 * g + 2], acc[i][4 * g + 3]);
+#if EPI == 1
+                v.x = fmaxf(v.x + bv[g].x, 0.f); v.y = fmaxf(v.y + bv[g].y, 0.f);
+                v.z = fmaxf(v.z + bv[g].z, 0.f); v.w = fmaxf(v.w + bv[g].w, 0.f);
+#else
+                const float4 m = __ldg(reinterpret_cast<const float4*>(R + at));
+                v.x = m.x > 0.f ? v.x : 0.f; v.y = m.y > 0.f ? v.y : 0.f;
+                v.z = m.z > 0.f ? v.z : 0.f; v.w = m.w > 0.f ? v.w : 0.f;
+                cs[4 * g] += v.x; cs[4 * g + 1] += v.y; cs[4 * g + 2] += v.z; cs[4 * g + 3] += v.w;
+#endif
+                *reinterpret_cast<float4*>(Y + at) = v;
+            }
+        }
+    }
+#if EPI == 2
+    __syncthreads();                                  // the warps' column sums, then the block's
+    float* sh = Bs;
+#pragma unroll
+    for (int g = 0; g < CG; ++g)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sh[w * NC + 128 * g + 4 * lane + c] = cs[4 * g + c];
+    __syncthreads();
+    for (int c = tid; c < NC; c += 128)
+        part[(long long)blockIdx.x * NC + c] = sh[c] + sh[NC + c] + sh[2 * NC + c] + sh[3 * NC + c];
+#endif
+}
+"""
+
 _relu_fwd = cp.ElementwiseKernel("T f, T b", "T r", "r = f + b > (T)0 ? f + b : (T)0",
                                  "agpt_bias_relu")
 _relu_back = cp.ElementwiseKernel("T d, T r", "T g", "g = r > (T)0 ? d : (T)0", "agpt_relu_back")
@@ -1034,6 +1147,61 @@ def relu_backward(dr: Any, r: Any, col_sums: bool = False) -> tuple[Any, Any]:
         (blocks,), (cv, ry), (dr, r, part, cp.int64(n), cp.int32(cv), cp.int64(rpb)),
         shared_mem=ry * cv * (16 if vec else dr.itemsize))
     return dr, part
+
+
+#: rows per tile and threads per block of thin_gemm (its TM, and 4 warps)
+_THIN_TM, _THIN_THREADS = 32, 128
+
+
+def _thin_smem(kd: int, nc: int) -> int:
+    return 4 * (kd * nc + _THIN_TM * kd)
+
+
+def thin_applies(x: Any, w: Any, trans_w: bool, *others: Any) -> bool:
+    """Whether thin_gemm takes x (N, K) @ w (K, C), or @ w.T for w (C, K) with trans_w:
+    float32, contiguous, 16-byte aligned, K % 4 == 0, 128 | C, and all of w in shared memory
+    three times per SM (three blocks of 4 warps hide each other's loads)."""
+    arrays = (x, w, *others)
+    if any(a.dtype != cp.float32 or not a.flags.c_contiguous or a.data.ptr % 16 for a in arrays):
+        return False
+    if x.ndim != 2 or w.ndim != 2:
+        return False
+    kd, nc = x.shape[1], w.shape[0 if trans_w else 1]
+    return (w.shape[1 if trans_w else 0] == kd and kd % 4 == 0 and nc % 128 == 0
+            and 3 * (_thin_smem(kd, nc) + 1024) <= _smem_per_sm())
+
+
+@functools.cache
+def _thin_fn(kd: int, nc: int, trans_w: bool, epi: int) -> Any:
+    fn = _module(_THIN, KD=kd, NC=nc, TRANS_B=int(trans_w), EPI=epi).get_function("thin_gemm")
+    fn.max_dynamic_shared_size_bytes = _thin_smem(kd, nc)
+    fn.preferred_shared_memory_carveout = 100
+    return fn
+
+
+def _thin(x: Any, w: Any, trans_w: bool, epi: int, bias: Any, r: Any) -> tuple[Any, Any]:
+    n, kd = x.shape
+    nc = w.shape[0] if trans_w else w.shape[1]
+    y = cp.empty((n, nc), dtype=x.dtype)
+    blocks = max(1, min(_blocks(n, _THIN_TM), 3 * _sm_count()))
+    part = cp.empty((blocks, nc), dtype=x.dtype) if epi == 2 else y
+    if n:
+        _thin_fn(kd, nc, trans_w, epi)(
+            (blocks,), (_THIN_THREADS,),
+            (x, w, bias if bias is not None else y, r if r is not None else y, y, part,
+             cp.int64(n)), shared_mem=_thin_smem(kd, nc))
+    return y, part
+
+
+def linear_relu(x: Any, w: Any, b: Any) -> Any:
+    """relu(x @ w + b) in one pass (thin_applies(x, w, b) must hold)."""
+    return _thin(x, w, False, 1, b, None)[0]
+
+
+def relu_linear_backward(dy: Any, w: Any, r: Any) -> tuple[Any, Any]:
+    """((dy @ w.T) where r > 0 else 0, per-block column sums of it): the gradient at
+    relu(x @ w.T + b)'s pre-activation and the partial sums of its bias gradient."""
+    return _thin(dy, w, True, 2, None, r)
 
 
 # Optimizer updates, one kernel each (reference: agpt.train.optim.Optimizer.step, whose
@@ -1130,3 +1298,8 @@ def check_preorder(parent: Any, depth: Any) -> Any:
 @functools.cache
 def _sm_count() -> int:
     return int(cp.cuda.Device().attributes["MultiProcessorCount"])
+
+
+@functools.cache
+def _smem_per_sm() -> int:
+    return int(cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"])

@@ -76,7 +76,7 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
         be.matmul(o, w("wo.w"), out=x, acc=True)       # the residual stream is updated in
         be.add_bias(x, w("wo.b"))                       # place: x itself is never saved
         b_, c2 = be.layernorm(x, w("ln2.g"), w("ln2.b"), cfg.ln_eps)
-        r = be.bias_relu(be.matmul(b_, w("ff1.w")), w("ff1.b"))
+        r = be.linear_relu(b_, w("ff1.w"), w("ff1.b"))
         be.matmul(r, w("ff2.w"), out=x, acc=True)
         be.add_bias(x, w("ff2.b"))
         if keep:
@@ -123,7 +123,7 @@ def loss_and_grad(cfg: ModelConfig, be, flat: Any, batch: Batch, grad: Any | Non
         # FFN (dx is the residual stream's gradient; the LayerNorm backward adds into it)
         mm(r, dx, ta=True, out=gw("ff2.w"), acc=True)
         be.sum_rows(dx, out=gw("ff2.b"))
-        df = be.relu_backward(mm(dx, w("ff2.w"), tb=True), r, db=gw("ff1.b"))
+        df = be.relu_linear_backward(dx, w("ff2.w"), r, db=gw("ff1.b"))
         mm(b_, df, ta=True, out=gw("ff1.w"), acc=True)
         be.layernorm_backward(mm(df, w("ff1.w"), tb=True), c2, w("ln2.g"), gw("ln2.g"),
                               gw("ln2.b"), dx=dx)
