@@ -237,8 +237,45 @@ def test_thin_linear_kernels(gpu, n: int, d: int, f: int) -> None:
     close(db, db_ref, np.float32)
 
 
-def test_thin_linear_takes_the_models_ffn(gpu) -> None:
-    """The micro preset's FFN weights (views into the flat parameters) are aligned for the
+@pytest.mark.parametrize("n", [70_001, 129, 1])
+@pytest.mark.parametrize("k, c", [(64, 64), (256, 64), (32, 128), (48, 192)])
+def test_add_linear_kernel(gpu, n: int, k: int, c: int) -> None:
+    """out += x @ w + b in one pass: the residual branches (wo: 64 -> 64, ff2: 256 -> 64),
+    chunks of 64 inner columns (256), 8-byte column vectors (192)."""
+    rng = np.random.default_rng(n + k + c)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    w = rng.standard_normal((k, c)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    out0 = rng.standard_normal((n, c)).astype(np.float32)
+    poison()
+    out = cp.asarray(out0)
+    assert gpu.add_linear(out, cp.asarray(x), cp.asarray(w), cp.asarray(b)) is out
+    ref = out0.astype(np.float64)
+    REF.add_linear(ref, x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    close(out, ref, np.float32)
+
+
+@pytest.mark.parametrize("n", [70_001, 77, 1])
+@pytest.mark.parametrize("d, h", [(64, 4), (64, 2), (128, 8)])
+def test_qkv_projection_kernel(gpu, n: int, d: int, h: int) -> None:
+    """q, k, v of one pass (product, bias, RoPE of adjacent pairs, split into heads)."""
+    rng = np.random.default_rng(n + d + h)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w = rng.standard_normal((d, 3 * d)).astype(np.float32) / 8
+    b = rng.standard_normal(3 * d).astype(np.float32)
+    lay = WindowLayout(max(1, n // 7), 7) if n % 7 == 0 else tree_layout(*random_forest(rng, n, 12))
+    poison()
+    got = gpu.qkv_projection(cp.asarray(x), cp.asarray(w), cp.asarray(b),
+                             gpu.rope_tables(lay, d // h, 1e4), h)
+    ref = REF.qkv_projection(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                             REF.rope_tables(lay, d // h, 1e4), h)
+    for g_, r_ in zip(got, ref, strict=True):
+        assert g_.shape == r_.shape and g_.flags.c_contiguous
+        close(g_, r_, np.float32)
+
+
+def test_thin_linear_takes_the_models_products(gpu) -> None:
+    """The micro preset's weights (views into the flat parameters) are aligned for the
     one-pass kernels, so training takes them, not the fallback."""
     from agpt.gpu import kernels
     from agpt.model.config import preset
@@ -249,6 +286,11 @@ def test_thin_linear_takes_the_models_ffn(gpu) -> None:
     for i in range(cfg.n_layers):
         assert kernels.thin_applies(x, p[f"l{i}.ff1.w"], False, p[f"l{i}.ff1.b"])
         assert kernels.thin_applies(x, p[f"l{i}.ff2.w"], True)
+        assert kernels.thin_applies(x, p[f"l{i}.wo.w"], False, p[f"l{i}.wo.b"], x)
+        r = cp.zeros((10, cfg.d_ff), cp.float32)
+        assert kernels.thin_applies(r, p[f"l{i}.ff2.w"], False, p[f"l{i}.ff2.b"], x)
+        wqkv = cp.concatenate([p[f"l{i}.w{j}.w"] for j in "qkv"], axis=1)
+        assert kernels.thin_applies(x, wqkv, False, cp.zeros(3 * cfg.d_model, cp.float32))
 
 
 def test_sum_rows_kernel(gpu) -> None:

@@ -96,6 +96,11 @@ class NumpyBackend:
         """relu(x @ w + b): the FFN's first layer (its output is what the backward keeps)."""
         return self.bias_relu(self.matmul(x, w), b)
 
+    def add_linear(self, out: np.ndarray, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """out += x @ w + b in place: a residual branch (attention output, FFN second layer)."""
+        self.matmul(x, w, out=out, acc=True)
+        return self.add_bias(out, b)
+
     def relu_linear_backward(self, dy: np.ndarray, w: np.ndarray, r: np.ndarray,
                              db: np.ndarray) -> np.ndarray:
         """(dy @ w.T) masked by r > 0: the gradient at the pre-activation of r = relu(f + b)
@@ -160,6 +165,12 @@ class NumpyBackend:
         x = qkv + bias
         q, k, v = (x[:, j * d:(j + 1) * d].reshape(n, n_heads, -1) for j in range(3))
         return self.rope(q, *rope), self.rope(k, *rope), self.xp.ascontiguousarray(v)
+
+    def qkv_projection(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, rope: tuple,
+                       n_heads: int):
+        """q, k, v (N, H, E) of x: one product with the (d, 3d) weight [Wq Wk Wv], then
+        qkv_heads (bias, RoPE on q and k)."""
+        return self.qkv_heads(self.matmul(x, w), b, rope, n_heads)
 
     def qkv_heads_backward(self, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                            rope: tuple) -> np.ndarray:

@@ -2,11 +2,13 @@
 
 It inherits the NumPy reference (agpt/backend/reference.py, written against `self.xp`) and
 replaces the hot operations with the kernels of agpt/gpu/kernels.py, each tested against the
-reference method it replaces (tests/test_gpu_backend.py): scoped tree attention and its
-aggregated backward (parent pointers, no ancestor gathers), LayerNorm, the q/k/v bias and
-RoPE, bias + ReLU and the embedding gradient. (The segmented-sum aggregation of the reference is not used: the attention
-backward kernel aggregates.) Matmuls go to cuBLAS (agpt/gpu/blas.py), adding into gradients and the residual stream in
-place (TF32 on request).
+reference method it replaces (tests/test_gpu_kernels.py, tests/test_gpu_backend.py): scoped
+tree attention and its aggregated backward (parent pointers, no ancestor gathers), LayerNorm,
+the embedding gradient, and the products with a thin inner dimension fused with the pass that
+follows them (q|k|v with bias and RoPE, bias + ReLU, the residual adds, the masked ReLU
+gradient with its bias gradient: `thin_gemm`, full fp32 whether or not TF32 is on). The
+other matmuls go to cuBLAS (agpt/gpu/blas.py), adding into gradients in place (TF32 on
+request).
 Uploads made inside `staged()` go through pinned host memory on a side stream, so a loader
 thread fills the next unit while the GPU computes the current one.
 """
@@ -220,6 +222,11 @@ class CupyBackend(NumpyBackend):
             return df
         return super().relu_linear_backward(dy, w, r, db)
 
+    def add_linear(self, out, x, w, b):
+        if self.k.thin_applies(x, w, False, b, out):
+            return self.k.add_linear(out, x, w, b)
+        return super().add_linear(out, x, w, b)
+
     def layernorm(self, x, g, b, eps):
         return self.k.layernorm(cp.ascontiguousarray(x), g.astype(x.dtype, copy=False),
                                 b.astype(x.dtype, copy=False), eps)
@@ -246,6 +253,13 @@ class CupyBackend(NumpyBackend):
         pos, (ct, st) = rope
         return self.k.qkv_heads(cp.ascontiguousarray(qkv), bias.astype(qkv.dtype, copy=False),
                                 pos, ct, st, n_heads)
+
+    def qkv_projection(self, x, w, b, rope, n_heads):
+        pos, (ct, st) = rope
+        e = w.shape[1] // 3 // n_heads
+        if e % 2 == 0 and self.k.thin_applies(x, w, False, b, ct, st):
+            return self.k.qkv_projection(x, w, b, pos, ct, st, n_heads)
+        return super().qkv_projection(x, w, b, rope, n_heads)
 
     def qkv_heads_backward(self, dq, dk, dv, rope):
         pos, (ct, st) = rope

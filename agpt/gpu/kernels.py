@@ -10,6 +10,7 @@
 | `embedding_backward`      | `NumpyBackend.scatter_add` (token rows)      |
 | `add_bias`, `bias_relu`, `relu_backward`, `gather_rows` | `NumpyBackend.add_bias`, `.bias_relu`, `.relu_backward`, `.gather_rows` |
 | `qkv_heads`, `qkv_heads_backward` | `NumpyBackend.qkv_heads`, `.qkv_heads_backward` |
+| `linear_relu`, `relu_linear_backward`, `add_linear`, `qkv_projection` (thin_gemm) | `NumpyBackend.linear_relu`, `.relu_linear_backward`, `.add_linear`, `.qkv_projection` |
 | `xent_counts`             | `NumpyBackend.xent_counts`                   |
 | `optimizer_step`          | `agpt.train.optim.Optimizer.step` (generic)  |
 | `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
@@ -959,26 +960,66 @@ extern "C" __global__ void relu_back_db(VT* d, const VT* r, T* part, long long n
 
 _THIN = r"""
 // Y (N, NC) = epilogue(X (N, KD) @ B), B (KD, NC) = W, or W^T for a (NC, KD) W with TRANS_B:
-// a product with a thin inner dimension (d_model) whose whole B fits in shared memory, with
-// the bandwidth-bound pass that follows it done on the tile in registers.
-//   EPI 1: Y = relu(acc + bias)                     (the FFN's first layer)
+// products with a thin inner dimension (d_model, or d_ff for the FFN's second layer) whose
+// whole B fits in shared memory, with the bandwidth-bound pass that would follow each done
+// on the tile in registers:
+//   EPI 1: Y = relu(acc + bias)                       (the FFN's first layer)
 //   EPI 2: Y = acc where R > 0 else 0, and per block the column sums of Y in part[block, :]
 //          (the gradient at that layer's pre-activation, and its bias gradient)
-// Blocks of 4 warps loop over tiles of TM = 32 rows; warp w computes tile rows 8w .. 8w + 7,
-// lane l the columns 128g + 4l .. 128g + 4l + 3 (g < NC / 128): X is read from shared memory
-// as broadcasts, B as consecutive 16-byte vectors, Y stored as whole 512-byte rows per warp.
-#define TM 32
-#define CG (NC / 128)
-static_assert(NC % 128 == 0 && KD % 4 == 0, "thin_gemm shape");
+//   EPI 3: Y += acc + bias                            (a residual branch: wo, ff2)
+//   EPI 4: acc + bias split into q | k | v (Y, Y2, Y3; NC = 3 DQ), q and k rotated by RoPE
+//          (adjacent pairs, angle pos[row] * theta_m from the tables ct, st of E2 columns)
+// Blocks of 4 warps loop over tiles of TM rows, reading X in chunks of KC columns. A warp's
+// lanes are LR rows x LC column groups; a thread owns RT = 8 rows (interleaved by LR, so the
+// LR rows a warp reads at once fall on distinct banks) and CT = CG x VW columns: group g,
+// vector c at column g*LC*VW + lc*VW + c (consecutive 8- or 16-byte vectors across lanes).
+#define LR (32 / LC)
+#define CG (NC / (LC * VW))
+#define CT (CG * VW)
+#define RT 8
+#define TM (4 * LR * RT)
+#define KC (KD < 64 ? KD : 64)
+#define XP (KC + 4)
+static_assert(NC % (LC * VW) == 0 && KD % KC == 0 && KC % 4 == 0 && 32 % LC == 0 &&
+              (VW == 2 || VW == 4), "thin_gemm shape");
+
+__device__ __forceinline__ void ldv(const float* p, float* r) {
+#if VW == 4
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    r[0] = t.x; r[1] = t.y; r[2] = t.z; r[3] = t.w;
+#else
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    r[0] = t.x; r[1] = t.y;
+#endif
+}
+__device__ __forceinline__ void ldgv(const float* p, float* r) {
+#if VW == 4
+    const float4 t = __ldg(reinterpret_cast<const float4*>(p));
+    r[0] = t.x; r[1] = t.y; r[2] = t.z; r[3] = t.w;
+#else
+    const float2 t = __ldg(reinterpret_cast<const float2*>(p));
+    r[0] = t.x; r[1] = t.y;
+#endif
+}
+__device__ __forceinline__ void stv(float* p, const float* r) {
+#if VW == 4
+    *reinterpret_cast<float4*>(p) = make_float4(r[0], r[1], r[2], r[3]);
+#else
+    *reinterpret_cast<float2*>(p) = make_float2(r[0], r[1]);
+#endif
+}
 
 extern "C" __global__ void __launch_bounds__(128)
 thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
-          const float* __restrict__ bias, const float* __restrict__ R, float* __restrict__ Y,
-          float* __restrict__ part, long long n) {
+          const float* __restrict__ bias, const float* __restrict__ R, float* Y,
+          float* __restrict__ part, const int* __restrict__ pos, const float* __restrict__ ct,
+          const float* __restrict__ st, float* __restrict__ Y2, float* __restrict__ Y3,
+          long long n) {
     extern __shared__ float4 smem4[];
     float* Bs = reinterpret_cast<float*>(smem4);      // [KD][NC]
-    float* Xs = Bs + KD * NC;                         // [TM][KD]
+    float* Xs = Bs + KD * NC;                         // [TM][XP]
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int lc = lane % LC, lr = lane / LC;
 #if TRANS_B
     for (int i = tid; i < NC * KD / 4; i += 128) {
         const int j = i / (KD / 4), k = (i % (KD / 4)) * 4;
@@ -990,79 +1031,112 @@ thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
     for (int i = tid; i < KD * NC / 4; i += 128)
         smem4[i] = __ldg(reinterpret_cast<const float4*>(W) + i);
 #endif
-#if EPI == 1
-    float4 bv[CG];
+#if EPI == 2
+    float cs[CT];
 #pragma unroll
-    for (int g = 0; g < CG; ++g) bv[g] = __ldg(reinterpret_cast<const float4*>(bias) + 32 * g + lane);
+    for (int j = 0; j < CT; ++j) cs[j] = 0.f;
 #else
-    float cs[CG * 4];
+    float bv[CT];
 #pragma unroll
-    for (int j = 0; j < CG * 4; ++j) cs[j] = 0.f;
+    for (int g = 0; g < CG; ++g) ldgv(bias + g * LC * VW + lc * VW, bv + g * VW);
 #endif
     for (long long t0 = (long long)blockIdx.x * TM; t0 < n; t0 += (long long)gridDim.x * TM) {
-        __syncthreads();                              // B stored; the last tile's X consumed
-        for (int i = tid; i < TM * KD / 4; i += 128) {
-            const long long row = t0 + i / (KD / 4);
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row < n) v = __ldg(reinterpret_cast<const float4*>(X + row * KD) + i % (KD / 4));
-            reinterpret_cast<float4*>(Xs)[i] = v;
-        }
-        __syncthreads();
-        float acc[8][CG * 4];
+        float acc[RT][CT];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < RT; ++i)
 #pragma unroll
-            for (int j = 0; j < CG * 4; ++j) acc[i][j] = 0.f;
-        const float* xw = Xs + 8 * w * KD;
+            for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
+        for (int kc = 0; kc < KD; kc += KC) {
+            __syncthreads();                          // B stored; the last chunk consumed
+            for (int i = tid; i < TM * KC / 4; i += 128) {
+                const int r = i / (KC / 4), q = i % (KC / 4);
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (t0 + r < n) v = __ldg(reinterpret_cast<const float4*>(X + (t0 + r) * KD + kc) + q);
+                *reinterpret_cast<float4*>(Xs + r * XP + 4 * q) = v;
+            }
+            __syncthreads();
+            const float* xw = Xs + (w * LR * RT + lr) * XP;
+            const float* bw = Bs + kc * NC + lc * VW;
 #pragma unroll 2
-        for (int k = 0; k < KD; k += 4) {
-            float4 a[8];
+            for (int k = 0; k < KC; k += 4) {
+                float4 a[RT];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) a[i] = *reinterpret_cast<const float4*>(xw + i * KD + k);
+                for (int i = 0; i < RT; ++i) a[i] = *reinterpret_cast<const float4*>(xw + i * LR * XP + k);
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                float b[CG * 4];
+                for (int kk = 0; kk < 4; ++kk) {
+                    float b[CT];
 #pragma unroll
-                for (int g = 0; g < CG; ++g) {
-                    const float4 t = *reinterpret_cast<const float4*>(Bs + (k + kk) * NC + 128 * g + 4 * lane);
-                    b[4 * g] = t.x; b[4 * g + 1] = t.y; b[4 * g + 2] = t.z; b[4 * g + 3] = t.w;
-                }
+                    for (int g = 0; g < CG; ++g) ldv(bw + (k + kk) * NC + g * LC * VW, b + g * VW);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    const float av = reinterpret_cast<const float*>(&a[i])[kk];
+                    for (int i = 0; i < RT; ++i) {
+                        const float av = reinterpret_cast<const float*>(&a[i])[kk];
 #pragma unroll
-                    for (int j = 0; j < CG * 4; ++j) acc[i][j] = fmaf(av, b[j], acc[i][j]);
+                        for (int j = 0; j < CT; ++j) acc[i][j] = fmaf(av, b[j], acc[i][j]);
+                    }
                 }
             }
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const long long row = t0 + 8 * w + i;
-            if (row >= n) break;
-#pragma unroll
-            for (int g = 0; g < CG; ++g) {
-                const long long at = row * NC + 128 * g + 4 * lane;
-                float4 v = make_float4(acc[i][4 * g], acc[i][4 * g + 1], acc[i][4 * g + 2], acc[i][4 * g + 3]);
-#if EPI == 1
-                v.x = fmaxf(v.x + bv[g].x, 0.f); v.y = fmaxf(v.y + bv[g].y, 0.f);
-                v.z = fmaxf(v.z + bv[g].z, 0.f); v.w = fmaxf(v.w + bv[g].w, 0.f);
-#else
-                const float4 m = __ldg(reinterpret_cast<const float4*>(R + at));
-                v.x = m.x > 0.f ? v.x : 0.f; v.y = m.y > 0.f ? v.y : 0.f;
-                v.z = m.z > 0.f ? v.z : 0.f; v.w = m.w > 0.f ? v.w : 0.f;
-                cs[4 * g] += v.x; cs[4 * g + 1] += v.y; cs[4 * g + 2] += v.z; cs[4 * g + 3] += v.w;
+        for (int i = 0; i < RT; ++i) {
+            const long long row = t0 + w * LR * RT + i * LR + lr;
+            if (row < n) {
+#if EPI == 4
+                const int p = pos[row];
 #endif
-                *reinterpret_cast<float4*>(Y + at) = v;
+#pragma unroll
+                for (int g = 0; g < CG; ++g) {
+                    const int col = g * LC * VW + lc * VW;
+                    float* v = &acc[i][g * VW];
+#if EPI == 1
+#pragma unroll
+                    for (int c = 0; c < VW; ++c) v[c] = fmaxf(v[c] + bv[g * VW + c], 0.f);
+                    stv(Y + row * NC + col, v);
+#elif EPI == 2
+                    float m[VW];
+                    ldgv(R + row * NC + col, m);
+#pragma unroll
+                    for (int c = 0; c < VW; ++c) {
+                        v[c] = m[c] > 0.f ? v[c] : 0.f;
+                        cs[g * VW + c] += v[c];
+                    }
+                    stv(Y + row * NC + col, v);
+#elif EPI == 3
+                    float y[VW];
+                    ldv(Y + row * NC + col, y);
+#pragma unroll
+                    for (int c = 0; c < VW; ++c) v[c] = y[c] + (v[c] + bv[g * VW + c]);
+                    stv(Y + row * NC + col, v);
+#else
+                    const int DQ = NC / 3, which = col / DQ, cc = col % DQ;
+#pragma unroll
+                    for (int c = 0; c < VW; ++c) v[c] += bv[g * VW + c];
+                    if (which < 2) {
+#pragma unroll
+                        for (int c = 0; c < VW; c += 2) {
+                            const int mi = ((cc + c) / 2) % E2;
+                            const float co = ct[p * E2 + mi], si = st[p * E2 + mi];
+                            const float a0 = v[c], a1 = v[c + 1];
+                            v[c] = a0 * co - a1 * si;
+                            v[c + 1] = a0 * si + a1 * co;
+                        }
+                    }
+                    stv((which == 0 ? Y : which == 1 ? Y2 : Y3) + row * DQ + cc, v);
+#endif
+                }
             }
         }
     }
 #if EPI == 2
+#pragma unroll
+    for (int j = 0; j < CT; ++j)
+        for (int off = LC; off < 32; off <<= 1) cs[j] += __shfl_xor_sync(0xffffffffu, cs[j], off);
     __syncthreads();                                  // the warps' column sums, then the block's
     float* sh = Bs;
+    if (lr == 0)
 #pragma unroll
-    for (int g = 0; g < CG; ++g)
+        for (int g = 0; g < CG; ++g)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) sh[w * NC + 128 * g + 4 * lane + c] = cs[4 * g + c];
+            for (int c = 0; c < VW; ++c) sh[w * NC + g * LC * VW + lc * VW + c] = cs[g * VW + c];
     __syncthreads();
     for (int c = tid; c < NC; c += 128)
         part[(long long)blockIdx.x * NC + c] = sh[c] + sh[NC + c] + sh[2 * NC + c] + sh[3 * NC + c];
@@ -1149,59 +1223,93 @@ def relu_backward(dr: Any, r: Any, col_sums: bool = False) -> tuple[Any, Any]:
     return dr, part
 
 
-#: rows per tile and threads per block of thin_gemm (its TM, and 4 warps)
-_THIN_TM, _THIN_THREADS = 32, 128
+def _thin_lanes(nc: int) -> tuple[int, int] | None:
+    """(VW, LC) of thin_gemm for nc output columns: 16-byte vectors across 32 lanes when
+    128 | nc, 8-byte ones for other multiples of 64 (q|k|v: 192), 8 lanes x 4 rows for 64."""
+    if nc == 64:
+        return 4, 8
+    if nc % 128 == 0:
+        return 4, 32
+    if nc % 64 == 0:
+        return 2, 32
+    return None
 
 
-def _thin_smem(kd: int, nc: int) -> int:
-    return 4 * (kd * nc + _THIN_TM * kd)
+def _thin_geometry(kd: int, nc: int) -> tuple[int, int]:
+    """(rows per tile, shared memory bytes) of thin_gemm."""
+    vw, lc = _thin_lanes(nc) or (4, 32)
+    tm, kc = 4 * (32 // lc) * 8, min(kd, 64)
+    return tm, 4 * (kd * nc + tm * (kc + 4))
 
 
 def thin_applies(x: Any, w: Any, trans_w: bool, *others: Any) -> bool:
     """Whether thin_gemm takes x (N, K) @ w (K, C), or @ w.T for w (C, K) with trans_w:
-    float32, contiguous, 16-byte aligned, K % 4 == 0, 128 | C, and all of w in shared memory
-    three times per SM (three blocks of 4 warps hide each other's loads)."""
+    float32, contiguous, 16-byte aligned, K % 4 == 0 (and 64 | K past 64), 64 | C, and all
+    of w in shared memory at least twice per SM (blocks hide each other's loads)."""
     arrays = (x, w, *others)
     if any(a.dtype != cp.float32 or not a.flags.c_contiguous or a.data.ptr % 16 for a in arrays):
         return False
     if x.ndim != 2 or w.ndim != 2:
         return False
     kd, nc = x.shape[1], w.shape[0 if trans_w else 1]
-    return (w.shape[1 if trans_w else 0] == kd and kd % 4 == 0 and nc % 128 == 0
-            and 3 * (_thin_smem(kd, nc) + 1024) <= _smem_per_sm())
+    return (w.shape[1 if trans_w else 0] == kd and kd % 4 == 0 and (kd <= 64 or kd % 64 == 0)
+            and _thin_lanes(nc) is not None
+            and 2 * (_thin_geometry(kd, nc)[1] + 1024) <= _smem_per_sm())
 
 
 @functools.cache
-def _thin_fn(kd: int, nc: int, trans_w: bool, epi: int) -> Any:
-    fn = _module(_THIN, KD=kd, NC=nc, TRANS_B=int(trans_w), EPI=epi).get_function("thin_gemm")
-    fn.max_dynamic_shared_size_bytes = _thin_smem(kd, nc)
+def _thin_fn(kd: int, nc: int, trans_w: bool, epi: int, e2: int = 1) -> tuple[Any, int, int]:
+    """(kernel, rows per tile, blocks per SM)."""
+    vw, lc = _thin_lanes(nc) or (4, 32)
+    tm, smem = _thin_geometry(kd, nc)
+    fn = _module(_THIN, KD=kd, NC=nc, TRANS_B=int(trans_w), EPI=epi, VW=vw, LC=lc,
+                 E2=e2).get_function("thin_gemm")
+    fn.max_dynamic_shared_size_bytes = smem
     fn.preferred_shared_memory_carveout = 100
-    return fn
+    return fn, tm, min(3, _smem_per_sm() // (smem + 1024))
 
 
-def _thin(x: Any, w: Any, trans_w: bool, epi: int, bias: Any, r: Any) -> tuple[Any, Any]:
+def _thin(x: Any, w: Any, trans_w: bool, epi: int, y: Any = None, *, bias: Any = None,
+          r: Any = None, rope: tuple = (), e2: int = 1) -> tuple[Any, Any]:
     n, kd = x.shape
     nc = w.shape[0] if trans_w else w.shape[1]
-    y = cp.empty((n, nc), dtype=x.dtype)
-    blocks = max(1, min(_blocks(n, _THIN_TM), 3 * _sm_count()))
+    fn, tm, per_sm = _thin_fn(kd, nc, trans_w, epi, e2)
+    if y is None:
+        y = cp.empty((n, nc), dtype=x.dtype)
+    blocks = max(1, min(_blocks(n, tm), per_sm * _sm_count()))
     part = cp.empty((blocks, nc), dtype=x.dtype) if epi == 2 else y
+    pos, ct, st, y2, y3 = rope or (y, y, y, y, y)
     if n:
-        _thin_fn(kd, nc, trans_w, epi)(
-            (blocks,), (_THIN_THREADS,),
-            (x, w, bias if bias is not None else y, r if r is not None else y, y, part,
-             cp.int64(n)), shared_mem=_thin_smem(kd, nc))
+        fn((blocks,), (128,),
+           (x, w, bias if bias is not None else y, r if r is not None else y, y, part,
+            pos, ct, st, y2, y3, cp.int64(n)), shared_mem=_thin_geometry(kd, nc)[1])
     return y, part
 
 
 def linear_relu(x: Any, w: Any, b: Any) -> Any:
-    """relu(x @ w + b) in one pass (thin_applies(x, w, b) must hold)."""
-    return _thin(x, w, False, 1, b, None)[0]
+    """relu(x @ w + b) in one pass (thin_applies(x, w, False, b) must hold)."""
+    return _thin(x, w, False, 1, bias=b)[0]
 
 
 def relu_linear_backward(dy: Any, w: Any, r: Any) -> tuple[Any, Any]:
     """((dy @ w.T) where r > 0 else 0, per-block column sums of it): the gradient at
     relu(x @ w.T + b)'s pre-activation and the partial sums of its bias gradient."""
-    return _thin(dy, w, True, 2, None, r)
+    return _thin(dy, w, True, 2, r=r)
+
+
+def add_linear(out: Any, x: Any, w: Any, b: Any) -> Any:
+    """out += x @ w + b in one pass over out (thin_applies(x, w, False, b, out))."""
+    return _thin(x, w, False, 3, out, bias=b)[0]
+
+
+def qkv_projection(x: Any, w: Any, b: Any, pos: Any, cos_tab: Any, sin_tab: Any,
+                   n_heads: int) -> tuple[Any, Any, Any]:
+    """qkv_heads(x @ w, b, ...) in one pass: q, k, v (N, H, E), q and k rotated."""
+    n, d = len(x), w.shape[1] // 3
+    e = d // n_heads
+    q, k, v = (cp.empty((n, n_heads, e), dtype=x.dtype) for _ in range(3))
+    _thin(x, w, False, 4, q, bias=b, rope=(pos, cos_tab, sin_tab, k, v), e2=e // 2)
+    return q, k, v
 
 
 # Optimizer updates, one kernel each (reference: agpt.train.optim.Optimizer.step, whose

@@ -70,15 +70,14 @@ def forward(cfg: ModelConfig, be, flat: Any, batch: Batch, keep: bool = False):
         w = _layer(p, i).__getitem__
         wqkv, bqkv = _qkv(be, w)
         a, c1 = be.layernorm(x, w("ln1.g"), w("ln1.b"), cfg.ln_eps)
-        q, k, v = be.qkv_heads(be.matmul(a, wqkv), bqkv, rope, h)
+        q, k, v = be.qkv_projection(a, wqkv, bqkv, rope, h)
         o, att = attend(q, k, v, batch.layout)
         o = o.reshape(n, cfg.d_model)
-        be.matmul(o, w("wo.w"), out=x, acc=True)       # the residual stream is updated in
-        be.add_bias(x, w("wo.b"))                       # place: x itself is never saved
+        be.add_linear(x, o, w("wo.w"), w("wo.b"))   # the residual stream is updated in place:
+                                                    # x itself is never saved
         b_, c2 = be.layernorm(x, w("ln2.g"), w("ln2.b"), cfg.ln_eps)
         r = be.linear_relu(b_, w("ff1.w"), w("ff1.b"))
-        be.matmul(r, w("ff2.w"), out=x, acc=True)
-        be.add_bias(x, w("ff2.b"))
+        be.add_linear(x, r, w("ff2.w"), w("ff2.b"))
         if keep:
             saved.append((a, c1, wqkv, q, k, v, att, o, b_, c2, r))
     y, cf = be.layernorm(x, p["lnf.g"], p["lnf.b"], cfg.ln_eps)
