@@ -980,8 +980,11 @@ _THIN = r"""
 #define TM (4 * LR * RT)
 #define KC (KD < 64 ? KD : 64)
 #define XP (KC + 4)
+// past 64 inner columns B is streamed in chunks of KC rows beside X's (three blocks per SM
+// instead of two, whose loads and products then overlap better)
+#define BCH (KD > KC)
 static_assert(NC % (LC * VW) == 0 && KD % KC == 0 && KC % 4 == 0 && 32 % LC == 0 &&
-              (VW == 2 || VW == 4), "thin_gemm shape");
+              (VW == 2 || VW == 4) && !(BCH && TRANS_B), "thin_gemm shape");
 
 __device__ __forceinline__ void ldv(const float* p, float* r) {
 #if VW == 4
@@ -1016,11 +1019,12 @@ thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
           const float* __restrict__ st, float* __restrict__ Y2, float* __restrict__ Y3,
           long long n) {
     extern __shared__ float4 smem4[];
-    float* Bs = reinterpret_cast<float*>(smem4);      // [KD][NC]
-    float* Xs = Bs + KD * NC;                         // [TM][XP]
+    float* Bs = reinterpret_cast<float*>(smem4);      // [KD or KC][NC]
+    float* Xs = Bs + (BCH ? KC : KD) * NC;            // [TM][XP]
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int lc = lane % LC, lr = lane / LC;
-#if TRANS_B
+#if BCH
+#elif TRANS_B
     for (int i = tid; i < NC * KD / 4; i += 128) {
         const int j = i / (KD / 4), k = (i % (KD / 4)) * 4;
         const float4 v = __ldg(reinterpret_cast<const float4*>(W) + i);
@@ -1048,6 +1052,10 @@ thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
             for (int j = 0; j < CT; ++j) acc[i][j] = 0.f;
         for (int kc = 0; kc < KD; kc += KC) {
             __syncthreads();                          // B stored; the last chunk consumed
+#if BCH
+            for (int i = tid; i < KC * NC / 4; i += 128)
+                smem4[i] = __ldg(reinterpret_cast<const float4*>(W + kc * NC) + i);
+#endif
             for (int i = tid; i < TM * KC / 4; i += 128) {
                 const int r = i / (KC / 4), q = i % (KC / 4);
                 float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1056,7 +1064,7 @@ thin_gemm(const float* __restrict__ X, const float* __restrict__ W,
             }
             __syncthreads();
             const float* xw = Xs + (w * LR * RT + lr) * XP;
-            const float* bw = Bs + kc * NC + lc * VW;
+            const float* bw = Bs + (BCH ? 0 : kc * NC) + lc * VW;
 #pragma unroll 2
             for (int k = 0; k < KC; k += 4) {
                 float4 a[RT];
@@ -1239,21 +1247,21 @@ def _thin_geometry(kd: int, nc: int) -> tuple[int, int]:
     """(rows per tile, shared memory bytes) of thin_gemm."""
     vw, lc = _thin_lanes(nc) or (4, 32)
     tm, kc = 4 * (32 // lc) * 8, min(kd, 64)
-    return tm, 4 * (kd * nc + tm * (kc + 4))
+    return tm, 4 * (kc * nc + tm * (kc + 4))
 
 
 def thin_applies(x: Any, w: Any, trans_w: bool, *others: Any) -> bool:
     """Whether thin_gemm takes x (N, K) @ w (K, C), or @ w.T for w (C, K) with trans_w:
-    float32, contiguous, 16-byte aligned, K % 4 == 0 (and 64 | K past 64), 64 | C, and all
-    of w in shared memory at least twice per SM (blocks hide each other's loads)."""
+    float32, contiguous, 16-byte aligned, K % 4 == 0 (past 64: 64 | K, no trans_w), 64 | C,
+    and w (up to 64 of its rows) in shared memory at least twice per SM."""
     arrays = (x, w, *others)
     if any(a.dtype != cp.float32 or not a.flags.c_contiguous or a.data.ptr % 16 for a in arrays):
         return False
     if x.ndim != 2 or w.ndim != 2:
         return False
     kd, nc = x.shape[1], w.shape[0 if trans_w else 1]
-    return (w.shape[1 if trans_w else 0] == kd and kd % 4 == 0 and (kd <= 64 or kd % 64 == 0)
-            and _thin_lanes(nc) is not None
+    return (w.shape[1 if trans_w else 0] == kd and kd % 4 == 0
+            and (kd <= 64 or (kd % 64 == 0 and not trans_w)) and _thin_lanes(nc) is not None
             and 2 * (_thin_geometry(kd, nc)[1] + 1024) <= _smem_per_sm())
 
 

@@ -107,10 +107,12 @@ class Session:
         still caught before any checkpoint holds it."""
         xp = self.be.xp
         loss_sum = xp.asarray(loss_sum)
-        ok = xp.isfinite(loss_sum) & xp.isfinite(self.grad).all()
         lr = self.lr()
         self.grad /= z
         norm = self.opt.clip(self.grad)
+        # the norm is finite iff every gradient element is (one pass fewer than isfinite(grad);
+        # a gradient whose squared norm overflows float32 counts as diverged too)
+        ok = xp.isfinite(loss_sum) & xp.isfinite(norm)
         self.opt.step(self.params, self.grad, lr)
         self.grad[...] = 0
         self._pending.append((ok, loss_sum, norm, z, lr, where, self.pos.update, self.pos.epoch,
