@@ -32,26 +32,21 @@ _COMPUTE_TF32 = getattr(cublas, "CUBLAS_COMPUTE_32F_FAST_TF32", 77)
 _COMPUTE_64F = getattr(cublas, "CUBLAS_COMPUTE_64F", 70)
 
 
-def loaded_library(prefix: str) -> ctypes.CDLL:
-    """A CUDA library this process already uses (found in its memory map), so that ctypes
-    calls go to the same copy as CuPy's (cuBLAS loads cuBLASLt with it)."""
-    device.get_cublas_handle()                 # makes CuPy load cuBLAS
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    """The cuBLAS shared library this process already uses (found in its memory map)."""
+    device.get_cublas_handle()                 # makes CuPy load it
     path = None
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
                 name = line.rsplit("/", 1)[-1]
-                if name.startswith(prefix):
+                if name.startswith("libcublas.so"):
                     path = line.split(None, 5)[-1].strip()
                     break
     except OSError:
         pass
-    return ctypes.CDLL(path or ctypes.util.find_library(prefix[3:].split(".")[0]) or prefix)
-
-
-@functools.cache
-def _lib() -> ctypes.CDLL:
-    lib = loaded_library("libcublas.so")
+    lib = ctypes.CDLL(path or ctypes.util.find_library("cublas") or "libcublas.so")
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.cublasSetStream_v2.argtypes = [vp, vp]
     lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]

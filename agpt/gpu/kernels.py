@@ -1245,7 +1245,7 @@ def _thin_lanes(nc: int) -> tuple[int, int] | None:
 
 def _thin_geometry(kd: int, nc: int) -> tuple[int, int]:
     """(rows per tile, shared memory bytes) of thin_gemm."""
-    vw, lc = _thin_lanes(nc) or (4, 32)
+    lc = (_thin_lanes(nc) or (4, 32))[1]
     tm, kc = 4 * (32 // lc) * 8, min(kd, 64)
     return tm, 4 * (kc * nc + tm * (kc + 4))
 
@@ -1266,22 +1266,22 @@ def thin_applies(x: Any, w: Any, trans_w: bool, *others: Any) -> bool:
 
 
 @functools.cache
-def _thin_fn(kd: int, nc: int, trans_w: bool, epi: int, e2: int = 1) -> tuple[Any, int, int]:
-    """(kernel, rows per tile, blocks per SM)."""
+def _thin_fn(kd: int, nc: int, trans_w: bool, epi: int, e2: int = 1) -> tuple[Any, int, int, int]:
+    """(kernel, rows per tile, blocks per SM, shared memory bytes)."""
     vw, lc = _thin_lanes(nc) or (4, 32)
     tm, smem = _thin_geometry(kd, nc)
     fn = _module(_THIN, KD=kd, NC=nc, TRANS_B=int(trans_w), EPI=epi, VW=vw, LC=lc,
                  E2=e2).get_function("thin_gemm")
     fn.max_dynamic_shared_size_bytes = smem
     fn.preferred_shared_memory_carveout = 100
-    return fn, tm, min(3, _smem_per_sm() // (smem + 1024))
+    return fn, tm, min(3, _smem_per_sm() // (smem + 1024)), smem
 
 
 def _thin(x: Any, w: Any, trans_w: bool, epi: int, y: Any = None, *, bias: Any = None,
           r: Any = None, rope: tuple = (), e2: int = 1) -> tuple[Any, Any]:
     n, kd = x.shape
     nc = w.shape[0] if trans_w else w.shape[1]
-    fn, tm, per_sm = _thin_fn(kd, nc, trans_w, epi, e2)
+    fn, tm, per_sm, smem = _thin_fn(kd, nc, trans_w, epi, e2)
     if y is None:
         y = cp.empty((n, nc), dtype=x.dtype)
     blocks = max(1, min(_blocks(n, tm), per_sm * _sm_count()))
@@ -1290,7 +1290,7 @@ def _thin(x: Any, w: Any, trans_w: bool, epi: int, y: Any = None, *, bias: Any =
     if n:
         fn((blocks,), (128,),
            (x, w, bias if bias is not None else y, r if r is not None else y, y, part,
-            pos, ct, st, y2, y3, cp.int64(n)), shared_mem=_thin_geometry(kd, nc)[1])
+            pos, ct, st, y2, y3, cp.int64(n)), shared_mem=smem)
     return y, part
 
 
