@@ -40,8 +40,8 @@ from agpt.store.trie import open_trie  # noqa: E402
 from agpt.train.batches import unit_batch, window_batch  # noqa: E402
 from agpt.train.objective import Weighting  # noqa: E402
 from agpt.train.optim import OptimConfig, Optimizer  # noqa: E402
-from agpt.train.trie_trainer import load_unit, rows_for_budget  # noqa: E402
-from agpt.train.units import chunks  # noqa: E402
+from agpt.train.trie_trainer import rows_for_budget  # noqa: E402
+from agpt.train.units import chunks, load_unit  # noqa: E402
 from agpt.train.window_trainer import corpus_windows  # noqa: E402
 from pipelines.build import BuildConfig, build_trie  # noqa: E402
 

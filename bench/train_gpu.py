@@ -36,7 +36,8 @@ from agpt.model.params import init_params
 from agpt.store.trie import open_trie
 from agpt.train.optim import OptimConfig, Optimizer
 from agpt.train.run import train_trie
-from agpt.train.trie_trainer import TrieArgs, load_unit, unit_count
+from agpt.train.trie_trainer import TrieArgs
+from agpt.train.units import load_unit, unit_count
 
 #: nominal dense peaks: fp32 FLOP/s (CUDA cores), TF32 FLOP/s (tensor cores), HBM bytes/s
 PEAKS = {"H100 PCIe": (51e12, 378e12, 2.0e12), "H100": (67e12, 495e12, 3.35e12),

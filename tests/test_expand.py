@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,14 @@ from agpt.store.trie import open_trie
 from agpt.train.objective import Weighting, targets, targets_reference
 from agpt.train.units import (
     Unit,
+    UnitReader,
     _spine_rows,
+    load_unit,
     radix_unit,
     radix_unit_reference,
     spine_chain,
     spine_unit,
+    unit_count,
 )
 
 UNIT_FIELDS = ("token", "parent", "depth", "count_ptr", "count_token", "count_value", "loss")
@@ -111,3 +115,36 @@ def test_dense_loss_rows_give_the_same_loss_terms() -> None:
         assert d.z == pytest.approx(s.z, rel=1e-14)
     loss[1000:2000] = False                      # a long gap: stays sparse
     assert not isinstance(targets(ptr, tok, val, loss, 9, WEIGHTINGS[0], dense=True).rows, slice)
+
+
+@pytest.mark.parametrize("blocks", ["none", "some", "all"])
+def test_unit_reader_reads_blocks_of_the_order_and_equals_load_unit(tmp_path: Path,
+                                                                    blocks: str) -> None:
+    rng = np.random.default_rng(5)
+    text = "".join(rng.choice(list("abcdefgh"), 600))
+    t = open_trie(make_trie(tmp_path, [text], 7, "bigram"))
+    n, P = unit_count(t), t.n_partitions
+    rows = t.radix_rows()
+    assert P > 8 and rows.sum() == t.totals()["radix_edge_tokens"]
+    block_rows = {"none": 0, "some": 3 * int(np.median(rows)), "all": int(rows.sum())}[blocks]
+    want = {i: load_unit(t, i) for i in range(n)}
+    reads: list[tuple[int, int]] = []
+    whole = t.radix_partitions
+    t.radix_partitions = lambda a, b: reads.append((a, b)) or whole(a, b)
+    orders = [list(range(n)), [int(i) for i in rng.permutation(n)],
+              [i for i in range(n) if i % 3]]                       # gaps: units cached on the GPU
+    for order in orders:
+        reads.clear()
+        reader = UnitReader(t, order, block_rows)
+        with ThreadPoolExecutor(4) as ex:                            # loaders take units at once
+            got = list(ex.map(reader.unit, order))
+        for i, u in zip(order, got, strict=True):
+            assert_same_fields(u, want[i], UNIT_FIELDS)
+        assert not reader._blocks                                    # each block dropped
+        # every partition read once, in runs of consecutive ones up to block_rows rows
+        assert sorted(p for a, b in reads for p in range(a, b)) == sorted(i for i in order
+                                                                          if i < P)
+        for a, b in reads:
+            assert b == a + 1 or rows[a:b].sum() <= block_rows
+        if order == list(range(n)):
+            assert len(reads) == {"none": P, "all": 1}.get(blocks) or 1 < len(reads) < P / 2

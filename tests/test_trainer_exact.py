@@ -24,8 +24,7 @@ from agpt.model.params import init_params
 from agpt.store.trie import open_trie
 from agpt.train.batches import unit_batch, window_batch, window_starts
 from agpt.train.objective import Weighting, row_weights
-from agpt.train.trie_trainer import load_unit, unit_count
-from agpt.train.units import chunks
+from agpt.train.units import chunks, load_unit, unit_count
 
 BE = NumpyBackend("float64")
 

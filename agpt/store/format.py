@@ -7,6 +7,7 @@ status attribute that makes builds atomic (a store opens only when status == "co
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import errno
 import os
@@ -294,12 +295,45 @@ def mark_complete(group: zarr.Group, **updates: Any) -> None:
 
 def read_array(group: zarr.Group, name: str, url: str, sel: Any = Ellipsis) -> np.ndarray:
     """Read (part of) an array, turning a missing or corrupt chunk into a StoreFormatError."""
-    try:
-        return np.asarray(group[name][sel])
-    except KeyError as e:
-        raise StoreFormatError(f"{url}: array {name!r} is missing; the store is damaged") from e
-    except StoreFormatError:
-        raise
-    except Exception as e:  # zarr raises codec-specific errors on bad checksums
-        raise StoreFormatError(f"{url}: array {name!r} is corrupt ({type(e).__name__}: {e}); "
-                               "rebuild the store") from e
+    return read_arrays(group, {name: sel}, url)[name]
+
+
+def read_arrays(group: zarr.Group, sels: Mapping[str, Any], url: str,
+                opened: dict[str, zarr.Array] | None = None) -> dict[str, np.ndarray]:
+    """Read parts of several arrays in one Zarr round trip (errors as in `read_array`);
+    `opened` caches the array handles between calls (opening one parses its metadata);
+    a selection is a slice or Ellipsis, or a 1-D integer array of indices.
+
+    Every synchronous Zarr read is a hand-off to Zarr's one event-loop thread, and a shard's
+    index is read again by each call: a partition read as eight separate calls spent most of
+    its time there (and under the GIL), so loader threads could not read in parallel."""
+    from zarr.core.sync import sync
+
+    arrays = {} if opened is None else opened
+    for name in sels:
+        if name not in arrays:
+            try:
+                arrays[name] = group[name]
+            except KeyError as e:
+                raise StoreFormatError(f"{url}: array {name!r} is missing; the store is "
+                                       "damaged") from e
+
+    def get(name: str, sel: Any) -> Any:
+        a = arrays[name].async_array
+        return a.get_orthogonal_selection(sel) if isinstance(sel, np.ndarray) else a.getitem(sel)
+
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*(get(n, sel) for n, sel in sels.items()),
+                                    return_exceptions=True)
+
+    out = {}
+    for name, got in zip(sels, sync(gather()), strict=True):
+        if isinstance(got, StoreFormatError):
+            raise got
+        if isinstance(got, Exception):   # zarr raises codec-specific errors on bad checksums
+            raise StoreFormatError(f"{url}: array {name!r} is corrupt ({type(got).__name__}: "
+                                   f"{got}); rebuild the store") from got
+        if isinstance(got, BaseException):
+            raise got
+        out[name] = np.asarray(got)
+    return out

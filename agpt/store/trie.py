@@ -29,7 +29,7 @@ from agpt.store.format import (
     header,
     mark_complete,
     open_root,
-    read_array,
+    read_arrays,
     write_array,
 )
 from agpt.trie.plan import Plan
@@ -91,11 +91,16 @@ class TrieStore:
         self.corpus = CorpusStore.from_group(group["corpus"], f"{url}/corpus")
         self.vocab_size = self.corpus.vocab_size
         self._cache: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _read(self, sels: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Parts of several arrays in one Zarr round trip (format.read_arrays)."""
+        return read_arrays(self.group, sels, self.url, self._arrays)
 
     # -- small tables (cached) ------------------------------------------------------------
     def _small(self, name: str) -> np.ndarray:
         if name not in self._cache:
-            self._cache[name] = read_array(self.group, name, self.url)
+            self._cache[name] = self._read({name: Ellipsis})[name]
         return self._cache[name]
 
     @property
@@ -133,21 +138,33 @@ class TrieStore:
         self._need("radix")
         pp = self._small("partitions/radix_ptr")
         lo, hi = int(pp[a]), int(pp[b])
-        g, u = self.group, self.url
-        eptr = read_array(g, "radix/edge_ptr", u, slice(lo, hi + 1))
-        cptr = read_array(g, "radix/count_ptr", u, slice(lo, hi + 1))
-        par = read_array(g, "radix/parent", u, slice(lo, hi))
+        ptrs = self._read({"radix/edge_ptr": slice(lo, hi + 1), "radix/count_ptr": slice(lo, hi + 1),
+                           "radix/parent": slice(lo, hi), "radix/head": slice(lo, hi),
+                           "radix/mass": slice(lo, hi)})
+        eptr, cptr, par = ptrs["radix/edge_ptr"], ptrs["radix/count_ptr"], ptrs["radix/parent"]
+        edges = slice(int(eptr[0]), int(eptr[-1]))
+        counts = slice(int(cptr[0]), int(cptr[-1]))
+        data = self._read({"radix/edge_tokens": edges, "radix/count_token": counts,
+                           "radix/count_value": counts})
         return RadixTrie(
             parent=np.where(par >= 0, par - lo, -1),
-            head=read_array(g, "radix/head", u, slice(lo, hi)),
-            mass=read_array(g, "radix/mass", u, slice(lo, hi)),
+            head=ptrs["radix/head"],
+            mass=ptrs["radix/mass"],
             edge_ptr=eptr - eptr[0],
-            edge_tokens=read_array(g, "radix/edge_tokens", u, slice(int(eptr[0]), int(eptr[-1]))),
+            edge_tokens=data["radix/edge_tokens"],
             count_ptr=cptr - cptr[0],
-            count_token=read_array(g, "radix/count_token", u, slice(int(cptr[0]), int(cptr[-1]))),
-            count_value=read_array(g, "radix/count_value", u, slice(int(cptr[0]), int(cptr[-1]))),
+            count_token=data["radix/count_token"],
+            count_value=data["radix/count_value"],
             part_ptr=pp[a: b + 1] - lo,
         )
+
+    def radix_rows(self) -> np.ndarray:
+        """Edge positions (trainer rows) of each radix partition, without its spine prefix."""
+        self._need("radix")
+        if "radix_rows" not in self._cache:
+            pp = self._small("partitions/radix_ptr")
+            self._cache["radix_rows"] = np.diff(self._read({"radix/edge_ptr": pp})["radix/edge_ptr"])
+        return self._cache["radix_rows"]
 
     def radix_partition(self, p: int) -> RadixTrie:
         return self.radix_partitions(p, p + 1)
@@ -158,16 +175,19 @@ class TrieStore:
     # -- leveled ----------------------------------------------------------------------------
     def _leveled_slice(self, k: int, lo: int, hi: int, parent_base: int,
                        part_ptr: np.ndarray) -> LeveledDepth:
-        g, u = self.group, self.url
-        cptr = read_array(g, "leveled/count_ptr", u, slice(lo, hi + 1))
-        par = read_array(g, "leveled/parent", u, slice(lo, hi))
+        nodes = slice(lo, hi)
+        head = self._read({"leveled/count_ptr": slice(lo, hi + 1), "leveled/parent": nodes,
+                           "leveled/token": nodes, "leveled/mass": nodes})
+        cptr, par = head["leveled/count_ptr"], head["leveled/parent"]
+        counts = slice(int(cptr[0]), int(cptr[-1]))
+        data = self._read({"leveled/count_token": counts, "leveled/count_value": counts})
         return LeveledDepth(
-            token=read_array(g, "leveled/token", u, slice(lo, hi)),
+            token=head["leveled/token"],
             parent=np.where(par >= 0, par - parent_base, -1),
-            mass=read_array(g, "leveled/mass", u, slice(lo, hi)),
+            mass=head["leveled/mass"],
             count_ptr=cptr - cptr[0],
-            count_token=read_array(g, "leveled/count_token", u, slice(int(cptr[0]), int(cptr[-1]))),
-            count_value=read_array(g, "leveled/count_value", u, slice(int(cptr[0]), int(cptr[-1]))),
+            count_token=data["leveled/count_token"],
+            count_value=data["leveled/count_value"],
             part_ptr=part_ptr,
         )
 

@@ -15,6 +15,7 @@ One update per unit (`step="partition"`, the seed's recipe) or per epoch (`step=
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from agpt.store.trie import TrieStore
 from agpt.train.batches import unit_batch
 from agpt.train.objective import Weighting
 from agpt.train.session import Session
-from agpt.train.units import Unit, chunks, partition_unit, spine_unit
+from agpt.train.units import Unit, UnitReader, chunks, unit_count
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,6 @@ def rows_for_budget(be, cfg: ModelConfig, depth: int, budget: int,
     return int(rows)
 
 
-def unit_count(store: TrieStore) -> int:
-    return store.n_partitions + (1 if len(store.spine().depth) > 1 else 0)
-
-
-def load_unit(store: TrieStore, i: int) -> Unit:
-    if i < store.n_partitions:
-        return partition_unit(store, i)
-    u = spine_unit(store.spine())
-    assert u is not None
-    return u
-
-
 @dataclass
 class Staged:
     """A unit ready to compute: its chunks as device batches (built on a loader thread when
@@ -110,14 +99,14 @@ class Staged:
             yield unit_batch(be, c, vocab_size, w)
 
 
-def stage(be, store: TrieStore, i: int, max_rows: int, w: Weighting) -> Staged:
+def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting) -> Staged:
     """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream)."""
-    unit = load_unit(store, i)
+    unit, vocab_size = reader.unit(i), reader.store.vocab_size
     if not getattr(be, "stage_in_background", False):
         return Staged(unit.name, unit.n_rows, unit, None)
     def upload() -> list[tuple[Batch, float]]:
         with be.staged():
-            return [unit_batch(be, c, store.vocab_size, w) for c in chunks(unit, max_rows)]
+            return [unit_batch(be, c, vocab_size, w) for c in chunks(unit, max_rows)]
 
     try:
         batches = upload()
@@ -230,8 +219,8 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     cache: dict[int, Staged] = {}           # device-resident units (GPU, while they fit)
     cached_bytes = 0
 
-    def make(i: int) -> Staged:
-        return cache.get(i) or stage(be, store, i, max_rows, w)
+    def make(reader: UnitReader, i: int) -> Staged:
+        return cache.get(i) or stage(be, reader, i, max_rows, w)
 
     graphs: dict[int, tuple[Any, Any]] = {}   # unit -> (CUDA graph, its loss buffer)
     graph_rows = 0
@@ -274,7 +263,9 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
         z_acc = 0.0
         loss_acc: Any = 0.0
         t_wait = time.perf_counter()
-        units = prefetch(make, order[s.pos.unit:], workers=loaders, ahead=2 * loaders)
+        todo = order[s.pos.unit:]
+        reader = UnitReader(store, [i for i in todo if i not in cache])
+        units = prefetch(functools.partial(make, reader), todo, workers=loaders, ahead=2 * loaders)
         in_flight: collections.deque = collections.deque()   # (done event, unit) on the GPU
         first_wait = None
         for k, (i, unit) in enumerate(units, s.pos.unit):

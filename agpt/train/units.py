@@ -13,8 +13,9 @@ piece is computed exactly, and the unit's gradient is the sum of its pieces' gra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -166,6 +167,73 @@ def partition_unit(store: TrieStore, p: int, rt: RadixTrie | None = None) -> Uni
     ctx = _spine_rows(spine, chain, loss=False) if chain else None
     rt = store.radix_partition(p) if rt is None else rt
     return radix_unit(rt, ctx, f"partition {p} {store.partition_prefix(p)}")
+
+
+def unit_count(store: TrieStore) -> int:
+    """Units of an epoch: every partition, then the spine when it has nodes below the root."""
+    return store.n_partitions + (1 if len(store.spine().depth) > 1 else 0)
+
+
+def load_unit(store: TrieStore, i: int) -> Unit:
+    """Unit i alone (UnitReader reads an epoch's units in blocks)."""
+    if i < store.n_partitions:
+        return partition_unit(store, i)
+    u = spine_unit(store.spine())
+    assert u is not None
+    return u
+
+
+#: runs of consecutive partitions are read from the store together, up to this many rows
+READ_BLOCK_ROWS = 1 << 20
+
+
+@dataclass
+class _Block:
+    left: int                                  # units of the block not yet taken
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rt: RadixTrie | None = None
+
+
+class UnitReader:
+    """The units of an epoch, read for loader threads (thread safe).
+
+    A run of consecutive partitions in the visiting order is one store read, up to
+    READ_BLOCK_ROWS rows (a larger partition is read alone): Zarr pays a fixed cost per read
+    on its one event-loop thread, under the GIL, so per-partition reads were slower than a GPU
+    epoch's compute (1.9 s against 0.9 s at D=32 on the H100 machine's CPU) and no faster with
+    more loaders. A block is dropped once each of its units was taken."""
+
+    def __init__(self, store: TrieStore, order: Sequence[int], block_rows: int = READ_BLOCK_ROWS):
+        self.store = store
+        rows = store.radix_rows() if "radix" in store.layers else None
+        self._span: dict[int, tuple[int, int]] = {}        # partition -> its block (a, b)
+        run: list[int] = []
+        for i in [*order, -1]:
+            extend = (run and i == run[-1] + 1 and i < store.n_partitions and rows is not None
+                      and int(rows[run[0]: i + 1].sum()) <= block_rows)
+            if run and not extend:
+                self._span.update((p, (run[0], run[-1] + 1)) for p in run)
+                run = []
+            if 0 <= i < store.n_partitions:
+                run.append(i)
+        self._lock = threading.Lock()
+        self._blocks: dict[tuple[int, int], _Block] = {}
+
+    def unit(self, i: int) -> Unit:
+        span = self._span.get(i)
+        if span is None:
+            return load_unit(self.store, i)
+        with self._lock:
+            blk = self._blocks.setdefault(span, _Block(span[1] - span[0]))
+        with blk.lock:                        # the first taker reads, the others wait for it
+            if blk.rt is None:
+                blk.rt = self.store.radix_partitions(*span)
+            rt = blk.rt
+        with self._lock:
+            blk.left -= 1
+            if blk.left == 0:
+                self._blocks.pop(span, None)
+        return partition_unit(self.store, i, rt.partition(i - span[0]))
 
 
 def chunks(unit: Unit, max_rows: int) -> Iterator[Unit]:
