@@ -33,8 +33,12 @@ _COMPUTE_64F = getattr(cublas, "CUBLAS_COMPUTE_64F", 70)
 
 
 @functools.cache
-def _lib() -> ctypes.CDLL:
-    """The cuBLAS shared library this process already uses (found in its memory map)."""
+def _lib() -> ctypes.PyDLL:
+    """The cuBLAS shared library this process already uses (found in its memory map).
+
+    Loaded as a PyDLL, so a call keeps the GIL: a product only queues work (microseconds),
+    and releasing the GIL there let busy loader threads take it, after which the trainer
+    thread waited for it back (up to the 5 ms switch interval) at every product."""
     device.get_cublas_handle()                 # makes CuPy load it
     path = None
     try:
@@ -46,7 +50,7 @@ def _lib() -> ctypes.CDLL:
                     break
     except OSError:
         pass
-    lib = ctypes.CDLL(path or ctypes.util.find_library("cublas") or "libcublas.so")
+    lib = ctypes.PyDLL(path or ctypes.util.find_library("cublas") or "libcublas.so")
     vp, i = ctypes.c_void_p, ctypes.c_int
     lib.cublasSetStream_v2.argtypes = [vp, vp]
     lib.cublasGemmEx.argtypes = [vp, i, i, i, i, i, vp, vp, i, i, vp, i, i, vp, vp, i, i, i, i]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +31,9 @@ from agpt.model.config import ModelConfig
 from agpt.model.gpt import Batch, loss_and_grad
 from agpt.store.trie import TrieStore
 from agpt.train.batches import unit_batch
-from agpt.train.objective import Weighting
+from agpt.train.objective import Weighting, targets
 from agpt.train.session import Session
-from agpt.train.units import Unit, UnitReader, chunks, unit_count
+from agpt.train.units import Unit, UnitReader, chunks, load_unit, unit_count
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,24 @@ class Staged:
         assert self.unit is not None
         for c in chunks(self.unit, max_rows):
             yield unit_batch(be, c, vocab_size, w)
+
+
+def warm_up_host_kernels(store: TrieStore, w: Weighting) -> threading.Thread:
+    """Expand the smallest partition (and its loss terms) on a background thread: the first
+    call of the compiled kernels in a process loads them (~1 s: numba sets up and imports
+    SciPy), which the first unit waited for; started before the model and the device are set
+    up, it runs beside them. Errors are left to the loaders, which report them."""
+    def run() -> None:
+        try:
+            if store.n_partitions:
+                u = load_unit(store, int(np.argmin(store.radix_rows())))
+                targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
+                        dense=True)
+        except Exception:      # the loaders read the same data and report it
+            pass
+    t = threading.Thread(target=run, name="agpt-warm", daemon=True)
+    t.start()
+    return t
 
 
 def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting) -> Staged:
