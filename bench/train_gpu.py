@@ -9,7 +9,8 @@ speed    for each depth: `agpt train` on the whole text (no held-out tail: the e
          seconds, rows/s, I/O wait (time the trainer waited for the next partition; the first
          unit's wait is the pipeline filling), peak GPU memory (pool). Epoch 1 reads every
          partition from the store (and compiles the kernels); later epochs reuse the units
-         cached on the device. Then the window baseline's positions/s for the same model on the
+         cached on the device (--stream: none is cached, so every epoch reads and stages
+         every partition, as a trie larger than the GPU does). Then the window baseline's positions/s for the same model on the
          same GPU (seq = depth; batches of 64, 256 and 1024 windows; median of 3 repeats), and
          the floor implied by the FLOPs and bytes per row on this GPU.
 quality  the seed recipe (3 epochs) on the trie with a 10% held-out tail, then the window
@@ -82,12 +83,13 @@ def floor(cfg, rows: int, ctx: float, device: str, tf32: bool) -> dict:
 
 
 def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loaders: int,
-          graphs: bool = True) -> dict:
+          graphs: bool = True, cache: bool = True) -> dict:
     _, trie = stores(work, depth, holdout=0.0)     # the whole text, as the seed's figures
-    tag = f"speed-d{depth}-{gradient}{'-tf32' if tf32 else ''}{'' if graphs else '-nographs'}"
+    tag = (f"speed-d{depth}-{gradient}{'-tf32' if tf32 else ''}{'' if graphs else '-nographs'}"
+           f"{'' if cache else '-stream'}")
     out, metrics = work / f"{tag}.ckpt", work / f"{tag}.jsonl"
     args = TrieArgs(epochs=epochs, step="partition", gradient=gradient, mass_weight="linear",
-                    entropy_lambda=1.0, loaders=loaders, cuda_graphs=graphs)
+                    entropy_lambda=1.0, loaders=loaders, cuda_graphs=graphs, gpu_cache=cache)
     res = train_trie(trie, str(out), args, OptimConfig("rmsprop", lr=3e-3, beta2=0.999),
                      device="cuda", metrics=str(metrics), progress=False, force=True, tf32=tf32)
     eps = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -98,7 +100,8 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     cfg = preset("micro", open_trie(trie).vocab_size, depth)
     rows, ctx = mean_context(trie)
-    return {"case": f"speed D={depth}", "gradient": gradient, "tf32": tf32,
+    return {"case": f"speed D={depth}{'' if cache else ' streamed'}", "gradient": gradient,
+            "tf32": tf32,
             "cuda_graphs": [r.get("cuda_graphs", 0) for r in eps], "device": name,
             "backend": res["device"], "rows_per_epoch": eps[0]["rows"],
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
@@ -166,6 +169,9 @@ def main() -> None:
     ap.add_argument("--loaders", type=int, default=0, help="0: the trainer's default (4 on the GPU)")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="launch every unit's kernels from Python (no graph replay)")
+    ap.add_argument("--stream", action="store_true",
+                    help="keep no partition on the device: every epoch reads and stages them "
+                         "all, as a trie larger than the GPU does (--no-gpu-cache)")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = workdir(a.workdir, "agpt-gpu-bench-")
@@ -175,7 +181,8 @@ def main() -> None:
         for case in a.cases.split(","):
             t0 = time.perf_counter()
             if case == "speed":
-                res = [speed(work, depth, a.epochs, g, a.tf32, a.loaders, not a.no_cuda_graphs)
+                res = [speed(work, depth, a.epochs, g, a.tf32, a.loaders, not a.no_cuda_graphs,
+                             not a.stream)
                        for g in a.gradients.split(",")]
             elif case == "window":
                 res = [window(work, depth, a.tf32)]

@@ -146,9 +146,10 @@ def test_gpu_training_run_equals_cpu_and_reports_memory(tmp_path: Path, gpu) -> 
     assert [r for r in cuda if r["event"] == "epoch"][1]["cuda_graphs"] >= 1
 
 
-def test_gpu_cuda_graphs_replay_the_same_updates(tmp_path: Path, gpu) -> None:
+def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu) -> None:
     """Per-partition updates over 3 epochs: replaying the cached units as CUDA graphs (epochs
-    2-3) gives the parameters and step losses of the eager run, with every update checked.
+    2-3), and streaming every unit from the store each epoch (--no-gpu-cache), give the
+    parameters and step losses of the eager cached run, with every update checked.
     (sgd: adam's normalisation turns the last-bit noise of float64 atomics on near-zero
     gradient entries into lr-sized steps, in eager runs as much as in replays.)"""
     import json
@@ -160,21 +161,27 @@ def test_gpu_cuda_graphs_replay_the_same_updates(tmp_path: Path, gpu) -> None:
     rng = np.random.default_rng(9)
     url = make_trie(tmp_path, ["".join(rng.choice(list("abcdefgh \n"), 3000))], 8, "unigram")
     res = {}
-    for graphs in (False, True):
-        out = tmp_path / f"g{int(graphs)}"
-        args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs)
+    for name, graphs, cache in (("eager", False, True), ("graphs", True, True),
+                                ("streamed", True, False)):
+        out = tmp_path / name
+        args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs, gpu_cache=cache)
         train_trie(url, str(out), args, OptimConfig("sgd", lr=0.05), device="cuda",
                    progress=False, model="micro")
         recs = [json.loads(x) for x in open(f"{out}.metrics.jsonl")]
         steps = [r for r in recs if r["event"] == "step"]
         ep = [r for r in recs if r["event"] == "epoch"]
-        res[graphs] = (load_checkpoint(str(out)).params, np.array([r["loss"] for r in steps]),
-                       [r["step"] for r in steps], ep)
-    (p0, l0, s0, e0), (p1, l1, s1, e1) = res[False], res[True]
-    assert s0 == s1 == list(range(1, len(s0) + 1))        # every update logged once, in order
-    assert e0[-1]["cuda_graphs"] == 0 and e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
-    # two eager runs already differ by ~5e-5..9e-5 of the largest parameter after these 3
-    # epochs (float64 atomics' last bits, grown by ReLU masks flipping; measured on an H100,
-    # where replays differed by 5e-5..1.4e-4): 5e-4 still fails any replay that is wrong
-    assert np.abs(l1 - l0).max() <= 5e-4 * np.abs(l0).max()
-    assert np.abs(p1 - p0).max() <= 5e-4 * np.abs(p0).max()
+        res[name] = (load_checkpoint(str(out)).params, np.array([r["loss"] for r in steps]),
+                     [r["step"] for r in steps], ep)
+    p0, l0, s0, e0 = res["eager"]
+    assert e0[-1]["cuda_graphs"] == 0 and e0[-1]["gpu_cached_units"] > 1
+    _, _, _, e1 = res["graphs"]
+    assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
+    _, _, _, e2 = res["streamed"]
+    assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
+    for p1, l1, s1, _ in (res["graphs"], res["streamed"]):
+        assert s0 == s1 == list(range(1, len(s0) + 1))    # every update logged once, in order
+        # two eager runs already differ by ~5e-5..9e-5 of the largest parameter after these 3
+        # epochs (float64 atomics' last bits, grown by ReLU masks flipping; measured on an
+        # H100, where replays differed by 5e-5..1.4e-4): 5e-4 still fails any wrong replay
+        assert np.abs(l1 - l0).max() <= 5e-4 * np.abs(l0).max()
+        assert np.abs(p1 - p0).max() <= 5e-4 * np.abs(p0).max()

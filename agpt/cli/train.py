@@ -92,6 +92,10 @@ def _optim(recipe: dict, kw: dict):
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="GPU: replay each small cached partition's forward and backward as one CUDA "
                    "graph from the second epoch on (same math, less launch overhead).")
+@click.option("--gpu-cache/--no-gpu-cache", default=True, show_default=True,
+              help="GPU: keep staged partitions on the device (within an eighth of the budget) "
+                   "for later epochs; without, every epoch streams them from the store, as a "
+                   "trie larger than the device does.")
 @click.option("--shuffle", is_flag=True, help="Visit partitions in a seeded random order.")
 def train_cmd(store: str, recipe: str | None, **kw) -> None:
     """Train on the trie store STORE (its radix layer) with the exact aggregated gradient."""
@@ -110,7 +114,8 @@ def train_cmd(store: str, recipe: str | None, **kw) -> None:
                     entropy_lambda=pick("entropy_lambda", 0.0),
                     memory_budget=parse_bytes(kw["memory_budget"]),
                     gpu_memory_budget=parse_bytes(kw["gpu_memory_budget"]),
-                    loaders=kw["loaders"], cuda_graphs=kw["cuda_graphs"], shuffle=kw["shuffle"],
+                    loaders=kw["loaders"], cuda_graphs=kw["cuda_graphs"], gpu_cache=kw["gpu_cache"],
+                    shuffle=kw["shuffle"],
                     seed=kw["seed"])
     res = train_trie(store, kw["out"], args, _optim(rec, kw), init=kw["init"], model=kw["model"],
                      resume=kw["resume"], auto=pick("auto_lr", False),

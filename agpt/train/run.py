@@ -35,7 +35,8 @@ SEED_RECIPE: dict[str, Any] = {
 
 
 #: trie arguments that change memory and speed, never the math: free to change on --resume
-RESOURCE_ARGS = ("epochs", "memory_budget", "gpu_memory_budget", "loaders", "cuda_graphs")
+RESOURCE_ARGS = ("epochs", "memory_budget", "gpu_memory_budget", "loaders", "cuda_graphs",
+                 "gpu_cache")
 
 
 def _starting_checkpoint(init: str | None, model: str, vocab_tok: dict, vocab_size: int,

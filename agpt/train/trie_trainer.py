@@ -47,6 +47,7 @@ class TrieArgs:
     gpu_memory_budget: int = 0       # GPU: bytes the run may hold on the device (0: 90% of free)
     loaders: int = 0                 # threads reading (and staging) the next units (0: auto)
     cuda_graphs: bool = True         # GPU: replay small cached units as CUDA graphs
+    gpu_cache: bool = True           # GPU: keep staged units on the device for later epochs
     shuffle: bool = False            # visit partitions in a seeded random order each epoch
     seed: int = 0
 
@@ -311,7 +312,8 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                 in_flight.append((be.record(), unit))
                 while len(in_flight) > 2 or (in_flight and in_flight[0][0].done):
                     in_flight.popleft()[0].synchronize()
-                if i not in cache and cached_bytes + unit.nbytes <= plan.cache:
+                if (args.gpu_cache and i not in cache
+                        and cached_bytes + unit.nbytes <= plan.cache):
                     cache[i] = unit
                     cached_bytes += unit.nbytes
             if args.step == "partition":
