@@ -18,9 +18,11 @@ from agpt.train.units import (
     Unit,
     UnitReader,
     _spine_rows,
+    chunks,
     load_unit,
     radix_unit,
     radix_unit_reference,
+    ranges,
     spine_chain,
     spine_unit,
     unit_count,
@@ -148,3 +150,39 @@ def test_unit_reader_reads_blocks_of_the_order_and_equals_load_unit(tmp_path: Pa
             assert b == a + 1 or rows[a:b].sum() <= block_rows
         if order == list(range(n)):
             assert len(reads) == {"none": P, "all": 1}.get(blocks) or 1 < len(reads) < P / 2
+
+
+def _take(u: Unit, rows: np.ndarray, loss: np.ndarray) -> Unit:
+    """Oracle of Unit.piece: the sub-forest of `rows` (sorted, closed under parent) by gathers."""
+    new = np.full(u.n_rows, -1, dtype=np.int64)
+    new[rows] = np.arange(len(rows))
+    par = u.parent[rows]
+    clen = np.diff(u.count_ptr)[rows]
+    src = ranges(u.count_ptr[rows], clen)
+    return Unit(u.name, u.token[rows], np.where(par >= 0, new[np.maximum(par, 0)], -1),
+                u.depth[rows], np.concatenate(([0], np.cumsum(clen))), u.count_token[src],
+                u.count_value[src], loss)
+
+
+@pytest.mark.parametrize("max_rows", [9, 10, 37, 200])
+def test_chunks_are_pieces_with_their_first_rows_ancestors(tmp_path: Path, max_rows: int) -> None:
+    rng = np.random.default_rng(max_rows)
+    t = open_trie(make_trie(tmp_path, ["".join(rng.choice(list("abc \n"), 400))], 8, "bigram"))
+    for i in range(unit_count(t)):
+        u = load_unit(t, i)
+        covered = np.zeros(u.n_rows, int)
+        start = 0
+        for c in chunks(u, max_rows):
+            assert c.n_rows <= max(max_rows, int(u.depth.max()))
+            a = int(u.depth[start]) - 1 if c.n_rows < u.n_rows else 0   # its ancestors first
+            rows = np.arange(start, start + c.n_rows - a)
+            anc, r = [], int(u.parent[start]) if a else -1
+            while r >= 0:
+                anc.append(r)
+                r = int(u.parent[r])
+            full = np.concatenate([np.asarray(anc[::-1], np.int64), rows])
+            want = _take(u, full, np.concatenate([np.zeros(a, bool), u.loss[rows]]))
+            assert_same_fields(c, want, UNIT_FIELDS)
+            covered[rows] += 1
+            start += len(rows)
+        assert (covered == 1).all()

@@ -42,16 +42,34 @@ class Unit:
     def n_loss_rows(self) -> int:
         return int(self.loss.sum())
 
-    def take(self, rows: np.ndarray, loss: np.ndarray) -> Unit:
-        """The sub-forest of `rows` (sorted, closed under parent) with the given loss flags."""
-        new = np.full(self.n_rows, -1, dtype=np.int64)
-        new[rows] = np.arange(len(rows))
-        par = self.parent[rows]
-        clen = np.diff(self.count_ptr)[rows]
-        src = ranges(self.count_ptr[rows], clen)
-        return Unit(self.name, self.token[rows], np.where(par >= 0, new[np.maximum(par, 0)], -1),
-                    self.depth[rows], _ptr(clen), self.count_token[src], self.count_value[src],
-                    loss)
+    def piece(self, s: int, e: int) -> Unit:
+        """Rows s..e-1 (their loss flags kept) after the ancestors of row s (context, no loss).
+
+        In depth-first preorder a row's parent before s is an ancestor of s, and the ancestor
+        at depth k is context row k-1, so the piece is slices plus a few gathered rows (a
+        general gather over the rows took ~0.45 s for a 4M-row unit, on the loader's clock)."""
+        anc = []
+        r = int(self.parent[s]) if e > s else -1
+        while r >= 0:
+            anc.append(r)
+            r = int(self.parent[r])
+        up = np.asarray(anc[::-1], dtype=np.int64)
+        a = len(up)
+        par = self.parent[s:e] - (s - a)                   # parents inside the range
+        out = (self.parent[s:e] >= 0) & (self.parent[s:e] < s)
+        par[out] = self.depth[s:e][out] - 2                # an ancestor of s: context row
+        par[self.parent[s:e] < 0] = -1
+        cp = self.count_ptr
+        clen = np.diff(cp)[up]
+        src = ranges(cp[up], clen)
+        c0, c1 = int(cp[s]), int(cp[e])
+        return Unit(self.name, np.concatenate([self.token[up], self.token[s:e]]),
+                    np.concatenate([np.arange(a) - 1, par]),
+                    np.concatenate([self.depth[up], self.depth[s:e]]),
+                    np.concatenate([_ptr(clen), cp[s + 1:e + 1] - c0 + int(clen.sum())]),
+                    np.concatenate([self.count_token[src], self.count_token[c0:c1]]),
+                    np.concatenate([self.count_value[src], self.count_value[c0:c1]]),
+                    np.concatenate([np.zeros(a, bool), self.loss[s:e]]))
 
 
 def _ptr(lengths: np.ndarray) -> np.ndarray:
@@ -244,12 +262,4 @@ def chunks(unit: Unit, max_rows: int) -> Iterator[Unit]:
         return
     step = max(1, max_rows - int(unit.depth.max()))
     for s in range(0, n, step):
-        e = min(n, s + step)
-        anc = []
-        r = int(unit.parent[s])
-        while r >= 0:
-            anc.append(r)
-            r = int(unit.parent[r])
-        rows = np.concatenate([np.asarray(anc[::-1], dtype=np.int64), np.arange(s, e)])
-        loss = np.concatenate([np.zeros(len(anc), bool), unit.loss[s:e]])
-        yield unit.take(rows, loss)
+        yield unit.piece(s, min(n, s + step))
