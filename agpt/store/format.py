@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync  # runs a coroutine on Zarr's event loop
 
 from agpt import __version__
 from agpt.errors import StoreFormatError
@@ -307,8 +308,6 @@ def read_arrays(group: zarr.Group, sels: Mapping[str, Any], url: str,
     Every synchronous Zarr read is a hand-off to Zarr's one event-loop thread, and a shard's
     index is read again by each call: a partition read as eight separate calls spent most of
     its time there (and under the GIL), so loader threads could not read in parallel."""
-    from zarr.core.sync import sync
-
     arrays = {} if opened is None else opened
     for name in sels:
         if name not in arrays:

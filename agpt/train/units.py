@@ -223,17 +223,18 @@ class UnitReader:
 
     def __init__(self, store: TrieStore, order: Sequence[int], block_rows: int = READ_BLOCK_ROWS):
         self.store = store
-        rows = store.radix_rows() if "radix" in store.layers else None
+        rows = store.radix_rows()
         self._span: dict[int, tuple[int, int]] = {}        # partition -> its block (a, b)
-        run: list[int] = []
-        for i in [*order, -1]:
-            extend = (run and i == run[-1] + 1 and i < store.n_partitions and rows is not None
-                      and int(rows[run[0]: i + 1].sum()) <= block_rows)
-            if run and not extend:
-                self._span.update((p, (run[0], run[-1] + 1)) for p in run)
-                run = []
-            if 0 <= i < store.n_partitions:
-                run.append(i)
+        runs: list[list[int]] = []
+        total = 0
+        for i in (p for p in order if p < store.n_partitions):
+            if not runs or i != runs[-1][-1] + 1 or total + int(rows[i]) > block_rows:
+                runs.append([])
+                total = 0
+            runs[-1].append(i)
+            total += int(rows[i])
+        for run in runs:
+            self._span.update((p, (run[0], run[-1] + 1)) for p in run)
         self._lock = threading.Lock()
         self._blocks: dict[tuple[int, int], _Block] = {}
 
