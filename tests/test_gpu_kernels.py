@@ -382,29 +382,44 @@ def test_xent_counts_kernel(gpu, dtype, v) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name, extra", [("sgd", {}), ("sgd", {"weight_decay": 0.1}),
-                                         ("momentum", {"weight_decay": 0.01}),
-                                         ("adam", {"weight_decay": 0.1}), ("adamw", {}),
-                                         ("adamw", {"weight_decay": 0.05}), ("rmsprop", {}),
+                                         ("momentum", {"weight_decay": 0.01, "clip": 0.5}),
+                                         ("adam", {"weight_decay": 0.1}), ("adamw", {"clip": 1e3}),
+                                         ("adamw", {"weight_decay": 0.05, "clip": 0.5}),
+                                         ("rmsprop", {}), ("rmsprop", {"clip": 0.5}),
                                          ("rmsprop", {"bias_correction": True, "weight_decay": 0.1})])
-def test_fused_optimizer_step(gpu, dtype, name: str, extra: dict) -> None:
-    """CupyBackend.optimizer_step (one kernel) against Optimizer.step's generic array code,
-    over three updates (bias corrections depend on the step count)."""
-    from agpt.gpu.kernels import optimizer_step
+def test_fused_optimizer_update(gpu, dtype, name: str, extra: dict) -> None:
+    """CupyBackend.optimizer_update (two kernels) against Optimizer.update's generic array
+    code over three updates (bias corrections depend on the step count): normalised by z,
+    clipped (clip 0.5 binds, 1e3 does not), stepped, gradient zeroed; same stats (flag,
+    norm, loss)."""
     from agpt.train.optim import OptimConfig, Optimizer
     rng = np.random.default_rng(len(name))
-    p0 = rng.standard_normal(10_007).astype(dtype)
+    p0 = rng.standard_normal(100_003).astype(dtype)
     cfg = OptimConfig(name, lr=3e-3, beta2=0.99, **extra)
     ref = Optimizer(cfg, cp, cp.asarray(p0))
-    fused = Optimizer(cfg, cp, cp.asarray(p0), fused=lambda *a: optimizer_step(*a))
+    fused = Optimizer(cfg, cp, cp.asarray(p0), fused=gpu.optimizer_update)
     pr, pf = cp.asarray(p0), cp.asarray(p0)
-    for _ in range(3):
-        g = cp.asarray(rng.standard_normal(p0.size).astype(dtype))
-        ref.step(pr, g, 3e-3)
-        fused.step(pf, g, 3e-3)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    for z in (2.5, 1.0, 0.3):
+        g = rng.standard_normal(p0.size).astype(dtype) * 0.01
+        gr, gf = cp.asarray(g), cp.asarray(g)
+        loss = cp.asarray(1.5, dtype)
+        ok_r, n_r, l_r = cp.asnumpy(ref.update(pr, gr, z, loss, 3e-3))
+        ok_f, n_f, l_f = cp.asnumpy(fused.update(pf, gf, z, loss, 3e-3))
+        assert ok_r == ok_f == 1.0 and l_r == l_f == 1.5 and fused.t == ref.t
+        # the norm is summed in double precision here, in the array type there
+        assert abs(float(n_f) - float(n_r)) <= (1e-5 if dtype == np.float32 else 1e-12) * float(n_r)
+        assert not gf.any() and not gr.any()
     # FMA contraction changes roundings: a few ulps of the operands (|g| ~ 1), which is more
     # than a few ulps of a momentum that cancels to ~0
-    tol = 1e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(cp.asnumpy(pf), cp.asnumpy(pr), rtol=tol, atol=tol)
     for k in ref.slots:
         np.testing.assert_allclose(cp.asnumpy(fused.slots[k]), cp.asnumpy(ref.slots[k]),
                                    rtol=tol, atol=tol)
+    # a NaN/Inf in the gradient or the loss clears the flag, as in the reference
+    for bad_g, bad_loss in ((np.nan, 1.0), (np.inf, 1.0), (0.0, np.inf), (0.0, np.nan)):
+        g = np.zeros(p0.size, dtype)
+        g[7] = bad_g
+        for opt in (fused, ref):
+            st = opt.update(cp.asarray(p0), cp.asarray(g), 1.0, cp.asarray(bad_loss, dtype), 3e-3)
+            assert float(st[0]) == 0.0

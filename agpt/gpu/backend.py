@@ -190,9 +190,9 @@ class CupyBackend(NumpyBackend):
         self.blas.gemm(ones, x, out=out[None, :], acc=True, tf32=self.tf32)
         return out
 
-    def optimizer_step(self, cfg, params, grad, slots, lr, t) -> None:
-        """The optimizer update in one kernel (Optimizer.step's generic code is the reference)."""
-        self.k.optimizer_step(cfg, params, grad, slots, lr, t)
+    def optimizer_update(self, cfg, params, grad, slots, lr, t, z, loss_sum):
+        """Optimizer.update in two kernels and a memset (its generic code is the reference)."""
+        return self.k.optimizer_update(cfg, params, grad, slots, lr, t, z, loss_sum)
 
     def gather_rows(self, table, idx):
         return self.k.gather_rows(table, idx)

@@ -68,11 +68,29 @@ class Optimizer:
 
     def __init__(self, cfg: OptimConfig, xp: Any, params: Any, slots: dict[str, Any] | None = None,
                  t: int = 0, fused: Any = None):
-        """`fused`: a backend's one-kernel update (CupyBackend.optimizer_step), same rule as
-        `step` below, which stays the reference."""
+        """`fused`: a backend's whole update in a few kernels (CupyBackend.optimizer_update),
+        the same rule as `update` below, which stays the reference."""
         self.cfg, self.xp, self.t, self.fused = cfg, xp, t, fused
         self.slots = {k: (xp.asarray(slots[k]) if slots and k in slots else xp.zeros_like(params))
                       for k in SLOTS[cfg.name]}
+
+    def update(self, params: Any, grad: Any, z: float, loss_sum: Any, lr: float) -> Any:
+        """One update from an accumulated gradient: grad / z, clipped, one step, grad zeroed.
+        Returns its stats, a float64 array [finite flag (1 or 0), norm of grad / z before
+        clipping, loss_sum] (on the GPU it stays on the device: no sync; the host reads it in
+        one transfer). The flag is 0 when the loss or any gradient element is NaN/Inf: the
+        norm is finite iff every element is (a squared norm that overflows counts too)."""
+        if self.fused is not None:
+            self.t += 1
+            return self.fused(self.cfg, params, grad, self.slots, lr, self.t, z, loss_sum)
+        xp = self.xp
+        grad /= z
+        norm = self.clip(grad)
+        loss_sum = xp.asarray(loss_sum)
+        ok = xp.isfinite(loss_sum) & xp.isfinite(norm)
+        self.step(params, grad, lr)
+        grad[...] = 0
+        return xp.stack([ok, norm, loss_sum]).astype(xp.float64)
 
     def clip(self, grad: Any) -> Any:
         """Scale grad in place to the clip norm; returns the norm before clipping, as a 0-d
@@ -84,11 +102,9 @@ class Optimizer:
         return norm
 
     def step(self, params: Any, grad: Any, lr: float) -> None:
+        """The rule alone, on a gradient already normalised and clipped (generic array code)."""
         c, xp = self.cfg, self.xp
         self.t += 1
-        if self.fused is not None:
-            self.fused(c, params, grad, self.slots, lr, self.t)
-            return
         if c.weight_decay and c.name != "adam":
             params -= lr * c.weight_decay * params
         if c.name == "sgd":

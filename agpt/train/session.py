@@ -25,8 +25,11 @@ from agpt.train.optim import OptimConfig, Optimizer, lr_at
 
 #: reference steps per epoch of auto-LR (the seed: 65 root-child partitions of tinyshakespeare)
 AUTO_LR_REFERENCE = 65
-#: on the GPU, each update's NaN/Inf check and step record are settled this many updates later
-SETTLE_LAG = 2
+#: on the GPU, an update's NaN/Inf check and step record wait until the device has done it
+#: (checked without waiting), or until this many later updates are queued: the host runs ahead
+#: of the device through long units, and a run of small units (each shorter on the device than
+#: the host's turn around it) then drains that lead instead of idling the device
+SETTLE_LAG = 64
 
 
 class Interrupted(AgptError):
@@ -72,7 +75,7 @@ class Session:
         self.opt = Optimizer(self.optim, xp, self.params,
                              {k: self.be.asarray(v, self.be.dtype) for k, v in self.ck.opt_state.items()},
                              int(self.ck.state.get("optimizer_t", 0)),
-                             getattr(self.be, "optimizer_step", None))
+                             getattr(self.be, "optimizer_update", None))
         p = self.ck.state.get("position")
         if p:
             self.pos = Position(**p)
@@ -102,24 +105,27 @@ class Session:
         """Normalise the accumulated gradient by z, clip, step; zero the gradient.
 
         The loss and the norm stay on the device: on the GPU the finiteness check of this
-        update and its "step" record are settled SETTLE_LAG updates later (or before anything
-        is saved), so the host queues the next units while this one still runs. A NaN/Inf is
-        still caught before any checkpoint holds it."""
-        xp = self.be.xp
-        loss_sum = xp.asarray(loss_sum)
+        update and its "step" record are settled once the device has done it, at the latest
+        SETTLE_LAG updates later (and before anything is saved), so the host queues the next
+        units while this one still runs. A NaN/Inf is still caught before any checkpoint
+        holds it, and named by its own update."""
         lr = self.lr()
-        self.grad /= z
-        norm = self.opt.clip(self.grad)
-        # the norm is finite iff every gradient element is (one pass fewer than isfinite(grad);
-        # a gradient whose squared norm overflows float32 counts as diverged too)
-        ok = xp.isfinite(loss_sum) & xp.isfinite(norm)
-        self.opt.step(self.params, self.grad, lr)
-        self.grad[...] = 0
-        self._pending.append((ok, loss_sum, norm, z, lr, where, self.pos.update, self.pos.epoch,
-                              log))
+        stats = self.opt.update(self.params, self.grad, z, self.be.xp.asarray(loss_sum), lr)
+        done = self.be.record() if self.check_lag else None
+        self._pending.append((done, stats, z, lr, where, self.pos.update, self.pos.epoch, log))
         self.pos.update += 1
-        while len(self._pending) > self.check_lag:
+        while self._pending and (len(self._pending) > self.check_lag
+                                 or self._pending[0][0] is None or self._pending[0][0].done):
             self._settle_one()
+
+    def rehearse_update(self, grad: Any, loss_sum: Any) -> None:
+        """An update's kernels on copies of the state (loads them: see
+        trie_trainer.warm_up_device); the session's state is unchanged, `grad` is zeroed."""
+        opt = Optimizer(self.optim, self.be.xp, self.params,
+                        {k: v.copy() for k, v in self.opt.slots.items()}, self.opt.t,
+                        self.opt.fused)
+        opt.update(self.params.copy(), grad, 1.0, self.be.xp.asarray(loss_sum), self.lr())
+        self.be.synchronize()
 
     def settle(self) -> None:
         """Check and log every pending update (waits for the device to have computed them)."""
@@ -127,18 +133,19 @@ class Session:
             self._settle_one()
 
     def _settle_one(self) -> None:
-        ok, loss_sum, norm, z, lr, where, update, epoch, log = self._pending.popleft()
-        if not bool(ok):
+        _, stats, z, lr, where, update, epoch, log = self._pending.popleft()
+        ok, norm, loss_sum = self.be.to_host(stats).tolist()     # one transfer, one wait
+        if not ok:
             self._pending.clear()
             self.pos.update = update
-            self.check_finite(loss_sum, where, ok)
+            self.check_finite(loss_sum, where, False)
         now = time.perf_counter()
         for key in ("rows", "positions"):      # throughput over the wall time since the last
             if key in log:                     # settled update
                 log[f"{key}_per_s"] = round(log[key] / max(now - self._t_settled, 1e-9), 1)
         self._t_settled = now
-        self.log("step", step=update + 1, epoch=epoch, lr=lr, grad_norm=float(norm),
-                 loss=float(loss_sum) / z, **log)
+        self.log("step", step=update + 1, epoch=epoch, lr=lr, grad_norm=norm, loss=loss_sum / z,
+                 **log)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, extra: dict[str, Any] | None = None) -> None:
