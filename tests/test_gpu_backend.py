@@ -142,6 +142,8 @@ def test_gpu_training_run_equals_cpu_and_reports_memory(tmp_path: Path, gpu) -> 
     ep = [r for r in recs if r["event"] == "epoch"]
     assert len(ep) == 2 and all(r["gpu_peak_mb"] > 0 for r in ep)
     assert ep[1]["gpu_cached_units"] >= 1 and ep[0]["chunk_rows"] <= 1000
+    # the first epoch warmed the kernels up (on scratch state: the parameters still match)
+    assert ep[0]["warm_up_s"] > 0 and ep[1]["warm_up_s"] == 0
     cuda = [json.loads(x) for x in open(f"{tmp_path / 'cuda'}.metrics.jsonl")]
     assert [r for r in cuda if r["event"] == "epoch"][1]["cuda_graphs"] >= 1
 

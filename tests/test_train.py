@@ -198,3 +198,65 @@ def test_optimizers_and_schedules() -> None:
     assert p[0] == pytest.approx(1.0 - 0.1 / np.sqrt(0.001))
     g = np.array([3.0, 4.0])
     assert Optimizer(OptimConfig("sgd", clip=1.0), np, g).clip(g) == 5.0 and np.isclose(np.hypot(*g), 1.0)
+
+
+def test_prefetch_keeps_order_starts_at_once_and_bounds_its_lead() -> None:
+    """Units come back in the visiting order; work starts before anyone iterates; the lead is
+    at least `ahead` units, and past that only while the rows in flight are under the cap."""
+    import threading
+
+    started = threading.Event()
+    calls: list[int] = []
+
+    def make(i: int) -> int:
+        calls.append(i)
+        started.set()
+        return 10 * i
+
+    rows = {i: (1000 if i in (5, 6) else 10) for i in range(12)}
+    order = [3, 0, 7, 5, 6, 1, 11, 2, 4, 8, 9, 10]
+    p = trie_trainer.Prefetch(make, order, workers=2, ahead=2, rows=rows.__getitem__,
+                              rows_ahead=100)
+    assert started.wait(5)                    # reading began before the first next()
+    seen = []
+    for i, item in p:
+        assert item == 10 * i
+        seen.append(i)
+        lead = [j for j, _, _ in p._pending]
+        assert len(lead) >= min(2, len(order) - len(seen))
+        # past `ahead` units, one more unit only while the rows before it were under the cap
+        assert sum(rows[j] for j in lead[:-1]) < 100 or len(lead) <= 2
+    assert seen == order and sorted(calls) == sorted(order)
+    assert p._pool._shutdown
+
+
+def test_prefetch_reports_a_loader_error_at_its_unit_and_stops() -> None:
+    def make(i: int) -> int:
+        if i == 3:
+            raise ValueError("bad partition 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad partition 3"):
+        for i, _ in trie_trainer.Prefetch(make, list(range(8)), workers=2, ahead=4):
+            got.append(i)
+    assert got == [0, 1, 2]
+
+
+def test_rehearse_update_leaves_the_state_alone(tmp_path: Path) -> None:
+    """The device warm-up's update runs on copies: parameters, slots and step count stay."""
+    from agpt.backend import get_backend
+    from agpt.model.config import preset
+    from agpt.model.params import init_params
+    from agpt.store.checkpoint import Checkpoint
+    from agpt.train.session import Session
+
+    cfg = preset("micro", 5, 4)
+    p0 = init_params(cfg, np.random.default_rng(0))
+    ck = Checkpoint(cfg, p0, {"v": np.full_like(p0, 0.5)}, {}, {})
+    s = Session(cfg, get_backend("cpu", "float32"), ck, str(tmp_path / "c"),
+                OptimConfig("rmsprop", lr=0.1), 10, 0.1)
+    g = np.ones_like(s.params)
+    s.rehearse_update(g, 1.0)
+    assert np.array_equal(s.params, p0.astype(np.float32)) and not g.any()
+    assert np.all(s.opt.slots["v"] == 0.5) and s.opt.t == 0 and s.pos.update == 0

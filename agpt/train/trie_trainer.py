@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +29,8 @@ from agpt.errors import AgptError
 from agpt.model.config import ModelConfig
 from agpt.model.gpt import Batch, loss_and_grad
 from agpt.store.trie import TrieStore
-from agpt.train.batches import unit_batch
-from agpt.train.objective import Weighting, targets
+from agpt.train.batches import to_device, unit_batch
+from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.session import Session
 from agpt.train.units import Unit, UnitReader, chunks, load_unit, unit_count
 
@@ -119,6 +118,32 @@ def warm_up_host_kernels(store: TrieStore, w: Weighting) -> threading.Thread:
     return t
 
 
+def warm_up_device(s: Session, depth: int, vocab_size: int, truncated: bool) -> float:
+    """One forward/backward and one update's kernels on a tiny synthetic tree, into scratch
+    buffers (the run's state is untouched); returns its seconds.
+
+    A process's first launch of each kernel loads it (CuPy's kernel cache, cuBLAS's lazy
+    module loading): ~2 s at D=32 on the H100 machine, which the first epoch's units paid one
+    after another while the next units sat staged. Run with the loaders already reading, it
+    overlaps their start (numba's load among it) instead. Built without the compiled host
+    kernels, which may still be loading."""
+    be = s.be
+    n = max(2, depth)
+    parent = np.arange(-1, 2 * n - 1, dtype=np.int64)     # a chain of n rows, then a branch
+    parent[n] = -1
+    dep = np.concatenate([np.arange(1, n + 1), np.arange(1, n + 1)]).astype(np.int32)
+    tok = np.arange(2 * n, dtype=np.int64) % vocab_size
+    one = np.ones(2 * n)
+    t = HostTargets(slice(0, 2 * n), np.arange(2 * n), (tok + 1) % vocab_size, one, one,
+                    float(2 * n))
+    t0 = time.perf_counter()
+    with be.staged():              # the loaders' upload path (its kernels, pinned arena)
+        batch = to_device(be, tok, be.tree_layout(parent, dep), t)
+    grad = be.xp.zeros_like(s.grad)
+    s.rehearse_update(grad, loss_and_grad(s.cfg, be, s.params, batch, grad, truncated))
+    return time.perf_counter() - t0
+
+
 def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting) -> Staged:
     """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream)."""
     unit, vocab_size = reader.unit(i), reader.store.vocab_size
@@ -146,28 +171,55 @@ def _nbytes(b: Batch) -> int:
     return sum(int(a.nbytes) for a in arrays)
 
 
-def prefetch(make: Callable[[int], Staged], order: list[int], workers: int = 2,
-             ahead: int = 3) -> Iterator[tuple[int, Staged]]:
-    """make(i) for i in `order`, computed by `workers` threads up to `ahead` units early."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agpt-load")
-    pending: collections.deque = collections.deque()
-    it = iter(order)
-    try:
-        for i in itertools.islice(it, ahead):
-            pending.append((i, pool.submit(make, i)))
-        while pending:
-            i, fut = pending.popleft()
-            item = fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(make, nxt)))
-            yield i, item
-    finally:
-        for _, fut in pending:
+class Prefetch:
+    """make(i) for i in `order` on `workers` threads, ahead of the consumer: at least `ahead`
+    units, and more while the units in flight hold fewer than `rows_ahead` rows (rows(i) says
+    how many a unit has). Big units come in clusters (tinyshakespeare's 4M-row space partition
+    follows the 0.9M-row newline one): a lead counted in rows absorbs them where a lead of a
+    few units does not. Work starts at construction, so it overlaps whatever the caller does
+    before iterating (the first epoch's device warm-up). The pool's queue is first in, first
+    out, so a deeper lead never delays the unit needed next."""
+
+    def __init__(self, make: Callable[[int], Staged], order: list[int], workers: int = 2,
+                 ahead: int = 3, rows: Callable[[int], int] | None = None, rows_ahead: int = 0):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agpt-load")
+        self._pending: collections.deque = collections.deque()
+        self._order = iter(order)
+        self._make, self._ahead = make, ahead
+        self._rows, self._rows_ahead, self._in_flight = rows, rows_ahead, 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead or (self._rows is not None
+                                                   and self._in_flight < self._rows_ahead):
+            i = next(self._order, None)
+            if i is None:
+                return
+            r = self._rows(i) if self._rows is not None else 0
+            self._in_flight += r
+            self._pending.append((i, r, self._pool.submit(self._make, i)))
+
+    def __iter__(self) -> Iterator[tuple[int, Staged]]:
+        try:
+            while self._pending:
+                i, r, fut = self._pending.popleft()
+                item = fut.result()
+                self._in_flight -= r
+                self._fill()
+                yield i, item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for _, _, fut in self._pending:
             fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: device bytes of a staged unit per row, an upper bound: tokens, parent, depth, attention tiles,
+#: one or two loss terms (row, token, coefficient) and a row coefficient
+STAGED_BYTES_PER_ROW = 128
 #: units up to this many rows are replayed as CUDA graphs (larger ones keep the GPU busy for
 #: longer than Python takes to launch them: ~3 ms of launches against >= 15 ms of work)
 GRAPH_MAX_ROWS = 1 << 18
@@ -183,6 +235,7 @@ class GpuPlan:
 
     budget: int
     activations: int
+    in_flight: int
     cache: int
     graphs: int
 
@@ -200,7 +253,7 @@ def gpu_plan(be, budget: int) -> GpuPlan | None:
         budget = int(0.9 * free)
     # the pool counts whole cached chunks, and a chunk stays while any piece of it is in use
     pool.set_limit(size=pool.total_bytes() + budget)
-    return GpuPlan(budget, budget // 2, budget // 8, budget // 8)
+    return GpuPlan(budget, budget // 2, budget // 4, budget // 8, budget // 8)
 
 
 def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
@@ -236,6 +289,10 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     # four loaders keep an H100 fed at D=32 (two left it waiting ~1.5 s in the first epoch);
     # on the CPU the loaders share the cores with the computation
     loaders = args.loaders or (4 if plan is not None else 2)
+    radix_rows = store.radix_rows()
+    # the GPU's loaders stage ahead up to the plan's in-flight share; the CPU's a few units
+    rows_ahead = 0 if plan is None else plan.in_flight // STAGED_BYTES_PER_ROW
+    warmed = plan is None
     cache: dict[int, Staged] = {}           # device-resident units (GPU, while they fit)
     cached_bytes = 0
 
@@ -282,10 +339,20 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
         io_wait = 0.0
         z_acc = 0.0
         loss_acc: Any = 0.0
-        t_wait = time.perf_counter()
         todo = order[s.pos.unit:]
         reader = UnitReader(store, [i for i in todo if i not in cache])
-        units = prefetch(functools.partial(make, reader), todo, workers=loaders, ahead=2 * loaders)
+        units = Prefetch(functools.partial(make, reader), todo, workers=loaders,
+                         ahead=2 * loaders, rows_ahead=rows_ahead,
+                         rows=lambda i: int(radix_rows[i]) if i < len(radix_rows) else 0)
+        warm_s = 0.0
+        if not warmed:                  # the loaders are reading meanwhile
+            try:
+                warm_s = warm_up_device(s, store.max_depth, store.vocab_size, truncated)
+            except BaseException:
+                units.close()
+                raise
+            warmed = True
+        t_wait = time.perf_counter()
         in_flight: collections.deque = collections.deque()   # (done event, unit) on the GPU
         first_wait = None
         for k, (i, unit) in enumerate(units, s.pos.unit):
@@ -306,16 +373,17 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
             else:
                 z_acc += z
                 loss_acc = loss_acc + loss_sum
-            if plan is not None:
-                # the unit's arrays came from a loader's stream: keep them alive until this
-                # stream is done with them, so the pool cannot hand them to the next upload
-                in_flight.append((be.record(), unit))
-                while len(in_flight) > 2 or (in_flight and in_flight[0][0].done):
-                    in_flight.popleft()[0].synchronize()
-                if (args.gpu_cache and i not in cache
-                        and cached_bytes + unit.nbytes <= plan.cache):
+            if plan is not None and i not in cache:
+                if args.gpu_cache and cached_bytes + unit.nbytes <= plan.cache:
                     cache[i] = unit
                     cached_bytes += unit.nbytes
+                else:
+                    # the unit's arrays came from a loader's stream: keep them alive until
+                    # this stream is done with them, so the pool cannot hand them to the next
+                    # upload (cached units stay alive anyway, and never hold the host back)
+                    in_flight.append((be.record(), unit))
+                    while len(in_flight) > 2 or (in_flight and in_flight[0][0].done):
+                        in_flight.popleft()[0].synchronize()
             if args.step == "partition":
                 s.pos.unit = k + 1    # resumable here; an epoch-step run restarts its epoch
             rate = ep_rows / max(1e-9, time.perf_counter() - t_ep)
@@ -336,7 +404,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                                        "cuda_graphs": len(graphs)}
         s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
               rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
-              first_unit_wait_s=round(first_wait or 0.0, 3),
+              first_unit_wait_s=round(first_wait or 0.0, 3), warm_up_s=round(warm_s, 3),
               lr=s.lr(), **gpu)
         peak = f", peak GPU memory {gpu['gpu_peak_mb']:,.0f} MB" if gpu else ""
         s.show(f"epoch {e + 1}/{args.epochs} loss {ep_loss / max(ep_z, 1e-12):.4f} "
