@@ -19,7 +19,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from agpt.store.trie import TrieStore
 from agpt.train.batches import to_device, unit_batch
 from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.session import Session
-from agpt.train.units import Unit, UnitReader, chunks, load_unit, unit_count
+from agpt.train.units import Unit, UnitReader, chunk, chunk_spans, chunks, load_unit, unit_count
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,26 @@ def rows_for_budget(be, cfg: ModelConfig, depth: int, budget: int,
 
 @dataclass
 class Staged:
-    """A unit ready to compute: its chunks as device batches (built on a loader thread when
-    the backend stages in the background, else lazily from the host unit)."""
+    """A unit ready to compute: its chunks as device batches (built on loader threads when the
+    backend stages in the background, else lazily from the host unit). A unit of several
+    chunks may still be uploading them (`pending`): the trainer starts on the first."""
 
     name: str
     n_rows: int
     unit: Unit | None
     batches: list[tuple[Batch, float]] | None
     nbytes: int = 0
+    pending: list[Future] | None = None
 
     def each(self, be, max_rows: int, vocab_size: int, w: Weighting) -> Iterator[tuple[Batch, float]]:
+        if self.pending is not None:
+            done = []
+            for f in self.pending:
+                done.append(f.result())
+                yield done[-1]
+            self.batches, self.pending = done, None
+            self.nbytes = sum(_nbytes(b) for b, _ in done)
+            return
         if self.batches is not None:
             yield from self.batches
             return
@@ -144,22 +154,33 @@ def warm_up_device(s: Session, depth: int, vocab_size: int, truncated: bool) -> 
     return time.perf_counter() - t0
 
 
-def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting) -> Staged:
-    """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream)."""
+def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting,
+          chunk_pool: ThreadPoolExecutor | None = None) -> Staged:
+    """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream).
+    With `chunk_pool`, a unit of several chunks returns at once, its chunks being cut and
+    uploaded there side by side (the 4M-row unit of tinyshakespeare D=32 took ~0.6 s to stage
+    on one thread, against ~0.1 s of GPU work)."""
     unit, vocab_size = reader.unit(i), reader.store.vocab_size
     if not getattr(be, "stage_in_background", False):
         return Staged(unit.name, unit.n_rows, unit, None)
-    def upload() -> list[tuple[Batch, float]]:
-        with be.staged():
-            return [unit_batch(be, c, vocab_size, w) for c in chunks(unit, max_rows)]
 
-    try:
-        batches = upload()
-    except be.xp.cuda.memory.OutOfMemoryError:
-        # the pool caches freed blocks per stream and they count against the cap: release
-        # the ones no stream uses, then try once more
-        be.xp.get_default_memory_pool().free_all_blocks()
-        batches = upload()
+    def upload(span: tuple[int, int]) -> tuple[Batch, float]:
+        c = chunk(unit, span)
+        try:
+            with be.staged():
+                return unit_batch(be, c, vocab_size, w)
+        except be.xp.cuda.memory.OutOfMemoryError:
+            # the pool caches freed blocks per stream and they count against the cap: release
+            # the ones no stream uses, then try once more
+            be.xp.get_default_memory_pool().free_all_blocks()
+            with be.staged():
+                return unit_batch(be, c, vocab_size, w)
+
+    spans = chunk_spans(unit, max_rows)
+    if len(spans) > 1 and chunk_pool is not None:
+        return Staged(unit.name, unit.n_rows, None, None,
+                      pending=[chunk_pool.submit(upload, sp) for sp in spans])
+    batches = [upload(sp) for sp in spans]
     return Staged(unit.name, unit.n_rows, None, batches, sum(_nbytes(b) for b, _ in batches))
 
 
@@ -267,15 +288,20 @@ def train_epochs(s: Session, store: TrieStore, args: TrieArgs,
     """Run epochs from the session's position up to args.epochs (or until_epoch)."""
     be = s.be
     plan = gpu_plan(be, args.gpu_memory_budget)
+    # the chunks of a unit larger than a chunk are cut and uploaded side by side here
+    chunk_pool = None if plan is None else ThreadPoolExecutor(
+        max_workers=args.loaders or 4, thread_name_prefix="agpt-chunk")
     try:
-        _run_epochs(s, store, args, until_epoch, plan)
+        _run_epochs(s, store, args, until_epoch, plan, chunk_pool)
     finally:
+        if chunk_pool is not None:
+            chunk_pool.shutdown(wait=True, cancel_futures=True)
         if plan is not None:
             be.xp.get_default_memory_pool().set_limit(size=0)     # the cap is this run's
 
 
 def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int | None,
-                plan: GpuPlan | None) -> None:
+                plan: GpuPlan | None, chunk_pool: ThreadPoolExecutor | None) -> None:
     cfg, be = s.cfg, s.be
     n_units = unit_count(store)
     if plan is None:
@@ -297,7 +323,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     cached_bytes = 0
 
     def make(reader: UnitReader, i: int) -> Staged:
-        return cache.get(i) or stage(be, reader, i, max_rows, w)
+        return cache.get(i) or stage(be, reader, i, max_rows, w, chunk_pool)
 
     graphs: dict[int, tuple[Any, Any]] = {}   # unit -> (CUDA graph, its loss buffer)
     graph_rows = 0

@@ -255,12 +255,22 @@ class UnitReader:
         return partition_unit(self.store, i, rt.partition(i - span[0]))
 
 
-def chunks(unit: Unit, max_rows: int) -> Iterator[Unit]:
-    """Pieces of at most max_rows rows (plus < depth context rows each) covering every row once."""
+def chunk_spans(unit: Unit, max_rows: int) -> list[tuple[int, int]]:
+    """Row ranges of `chunks`: [(0, n)] when the unit fits, else ranges of max_rows - depth
+    rows (each piece adds its first row's ancestors, fewer than the unit's depth)."""
     n = unit.n_rows
     if n <= max_rows:
-        yield unit
-        return
+        return [(0, n)]
     step = max(1, max_rows - int(unit.depth.max()))
-    for s in range(0, n, step):
-        yield unit.piece(s, min(n, s + step))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def chunk(unit: Unit, span: tuple[int, int]) -> Unit:
+    """The piece of one span of chunk_spans (the unit itself when the span is all of it)."""
+    return unit if span == (0, unit.n_rows) else unit.piece(*span)
+
+
+def chunks(unit: Unit, max_rows: int) -> Iterator[Unit]:
+    """Pieces of at most max_rows rows (plus < depth context rows each) covering every row once."""
+    for span in chunk_spans(unit, max_rows):
+        yield chunk(unit, span)
