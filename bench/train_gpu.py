@@ -10,8 +10,9 @@ speed    for each depth: `agpt train` on the whole text (no held-out tail: the e
          unit's wait is the pipeline filling), peak GPU memory (pool). Epoch 1 reads every
          partition from the store (and compiles the kernels); later epochs reuse the units
          cached on the device (--stream: none is cached, so every epoch reads and stages
-         every partition, as a trie larger than the GPU does). Then the window baseline's positions/s for the same model on the
-         same GPU (seq = depth; batches of 64, 256 and 1024 windows; median of 3 repeats), and
+         every partition, as a trie larger than the GPU does); the whole run's seconds and
+         the time between epochs (checkpoint writes). Then the window baseline's positions/s
+         for the same model on the same GPU (seq = depth; batches of 64, 256 and 1024 windows; median of 3 repeats), and
          the floor implied by the FLOPs and bytes per row on this GPU.
 quality  the seed recipe (3 epochs) on the trie with a 10% held-out tail, then the window
          baseline (seq = depth, adamw 3e-3, batch 256) for the same training time; held-out
@@ -90,8 +91,10 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
     out, metrics = work / f"{tag}.ckpt", work / f"{tag}.jsonl"
     args = TrieArgs(epochs=epochs, step="partition", gradient=gradient, mass_weight="linear",
                     entropy_lambda=1.0, loaders=loaders, cuda_graphs=graphs, gpu_cache=cache)
+    t0 = time.perf_counter()
     res = train_trie(trie, str(out), args, OptimConfig("rmsprop", lr=3e-3, beta2=0.999),
                      device="cuda", metrics=str(metrics), progress=False, force=True, tf32=tf32)
+    run_s = time.perf_counter() - t0
     eps = [json.loads(x) for x in metrics.read_text().splitlines()]
     eps = [r for r in eps if r["event"] == "epoch"]
     # epoch 1 reads the store; the epoch after it captures the CUDA graphs: steady from then on
@@ -107,6 +110,11 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
             "first_unit_wait_s": [r.get("first_unit_wait_s") for r in eps],
             "first_epoch_s": eps[0]["seconds"],
+            # the whole run (setup, epochs, checkpoints), and the time between one epoch's end
+            # and the next one's start (its checkpoint write): work moved there is not hidden
+            "run_s": run_s,
+            "between_epochs_s": [round(b["time_s"] - b["seconds"] - a["time_s"], 3)
+                                 for a, b in zip(eps[:-1], eps[1:], strict=True)],
             "warm_epoch_s_median": statistics.median(r["seconds"] for r in warm),
             "warm_rows_per_s_median": statistics.median(r["rows_per_s"] for r in warm),
             "gpu_peak_mb": max(r["gpu_peak_mb"] for r in eps), "chunk_rows": eps[0]["chunk_rows"],

@@ -166,7 +166,10 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     for name, graphs, cache in (("eager", False, True), ("graphs", True, True),
                                 ("streamed", True, False)):
         out = tmp_path / name
-        args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs, gpu_cache=cache)
+        # shuffled: the next epoch's loaders start before this epoch ends, and may stage a
+        # unit this epoch has yet to cache
+        args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs, gpu_cache=cache,
+                        shuffle=True, seed=3)
         train_trie(url, str(out), args, OptimConfig("sgd", lr=0.05), device="cuda",
                    progress=False, model="micro")
         recs = [json.loads(x) for x in open(f"{out}.metrics.jsonl")]
