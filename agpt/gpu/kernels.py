@@ -1325,9 +1325,10 @@ def qkv_projection(x: Any, w: Any, b: Any, pos: Any, cos_tab: Any, sin_tab: Any,
 # which left the GPU idle at every per-partition update). `sumsq` sums g^2 in double precision
 # (one atomic per block); `update` normalises by z, clips, steps and zeroes the gradient in one
 # pass, every thread forming the clip factor from that sum, and thread 0 writing the finite
-# flag, the norm and the loss side by side (the host reads them back in one transfer). Scalar factors are formed in double precision by the caller, as in the
-# reference. `decay` = lr x the decoupled weight decay (adamw, rmsprop, sgd, momentum); `l2`
-# is adam's decay added to the gradient.
+# flag, the norm and the loss side by side (the host reads them back in one transfer). Scalar
+# factors are formed in double precision by the caller, as in the reference. `decay` = lr x
+# the decoupled weight decay (adamw, rmsprop, sgd, momentum); `l2` is adam's decay added to
+# the gradient.
 _UPDATE = r"""
 extern "C" __global__ void sumsq(const T* __restrict__ g, long long n, double* out) {
     double s = 0.0;
