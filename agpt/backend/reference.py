@@ -37,9 +37,12 @@ class NumpyBackend:
         """Move a layout's index arrays to the device (identity on the CPU)."""
         return layout
 
-    def tree_layout(self, parent: np.ndarray, depth: np.ndarray) -> Any:
-        """The layout of a trie unit's rows (validated depth-first preorder)."""
-        return tree_layout(parent, depth)
+    def tree_layout(self, parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None,
+                    fixed: bool = False) -> Any:
+        """The layout of a trie unit's rows (validated depth-first preorder), for contexts up to
+        `max_depth` (default: the deepest row's). `fixed`: its arrays' shapes depend on the
+        number of rows and max_depth alone (padded on the GPU; see CupyBackend)."""
+        return tree_layout(parent, depth, max_depth)
 
     def staged(self) -> AbstractContextManager:
         """Uploads made inside are complete on exit (the GPU stages them through pinned memory)."""

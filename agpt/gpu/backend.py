@@ -67,6 +67,7 @@ class CupyBackend(NumpyBackend):
         self._local = threading.local()
         self._rope: dict[tuple[int, int, float], tuple[Any, Any]] = {}
         self._ones = cp.ones(0, dtype=self.dtype)
+        self._old_ones: list[Any] = []
         self._capture: tuple[Any, Any] | None = None
 
     # -- transfers ------------------------------------------------------------------------
@@ -114,12 +115,15 @@ class CupyBackend(NumpyBackend):
     def to_host(self, a: Any) -> np.ndarray:
         return cp.asnumpy(a) if isinstance(a, cp.ndarray) else np.asarray(a)
 
-    def tree_layout(self, parent: np.ndarray, depth: np.ndarray) -> ParentTree:
+    def tree_layout(self, parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None,
+                    fixed: bool = False) -> ParentTree:
         t = ParentTree(self.asarray(parent, np.int32), self.asarray(depth, np.int32),
-                       int(depth.max()) if len(depth) else 1)
-        if int(self.k.check_preorder(t.parent, t.depth)[0]):
+                       max(int(depth.max()) if len(depth) else 1, max_depth or 1))
+        bad = self.k.check_preorder(t.parent, t.depth)
+        tiles = self.k.tree_tiles(t.parent, t.depth, t.max_depth, fixed=fixed)
+        if int(bad[0]):           # read after the tiles' own wait: one round trip, not two
             raise ValueError("rows are not a forest in depth-first preorder")
-        t.tiles = self.k.tree_tiles(t.parent, t.depth, t.max_depth)
+        t.tiles = tiles
         return t
 
     def synchronize(self) -> None:
@@ -183,6 +187,9 @@ class CupyBackend(NumpyBackend):
         (N, d) array is ~60x slower."""
         n = x.shape[0]
         if len(self._ones) < n or self._ones.dtype != x.dtype:
+            # the old vector stays alive: a CUDA graph captured with it still reads it, and
+            # freed, its memory could go to another capture's temporaries
+            self._old_ones.append(self._ones)
             self._ones = cp.ones(max(n, 2 * len(self._ones)), dtype=x.dtype)
         ones = self._ones[None, :n]
         if out is None:

@@ -440,6 +440,7 @@ extern "C" __global__ void tree_attn_side(
     const long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= total) return;
     const long long b = x / (H * E), c = x % (H * E);
+    if (brow[b] < 0) return;                 // padding (tree_tiles with a fixed capacity)
     const long long off = (long long)brow[b] * (H * E) + c;
     dk[off] = (T)dkb[x];
     dv[off] = (T)dvb[x];
@@ -455,12 +456,15 @@ extern "C" __global__ void tree_tiles(
     const long long tile = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long a = tile * TILE;
     if (a >= n) return;
-    const int d = depth[a];
+    // clamped and bounds-checked: rows not in preorder are reported by check_preorder, which
+    // tree_layout reads after this kernel
+    const int d = min(max(depth[a], 1), dm);
     int* out = tile_anc + tile * dm;
     for (int j = d - 1; j < dm; ++j) out[j] = -1;
     int r = (int)a;
     for (int j = d - 2; j >= 0; --j) {
         r = parent[r];
+        if (r < 0 || r >= n) break;
         out[j] = r;
         mark[r] = 1;
     }
@@ -690,8 +694,11 @@ class TileLayout:
     tile: int
     anc: Any        # (n_tiles, max_depth) int32: ancestors of each tile's first row, -1 padded
     bidx: Any       # (N,) int32: index of a boundary row (K/V gradient over tiles), else -1
-    brow: Any       # (B,) int32: the boundary rows (strict ancestors of tile-first rows)
+    brow: Any       # (B,) int32: the boundary rows (strict ancestors of tile-first rows), -1 pad
     max_depth: int
+
+    def arrays(self) -> list[Any]:
+        return [self.anc, self.bidx, self.brow]
 
 
 def default_tile(max_depth: int) -> int:
@@ -701,8 +708,17 @@ def default_tile(max_depth: int) -> int:
     return 128 if max_depth <= 64 else 64
 
 
-def tree_tiles(parent: Any, depth: Any, max_depth: int, tile: int | None = None) -> TileLayout:
-    """The tile layout of rows in depth-first preorder (once per unit: it syncs for B)."""
+def boundary_capacity(n: int, max_depth: int, tile: int | None = None) -> int:
+    """The most boundary rows n rows can have: each tile-first row has < max_depth ancestors."""
+    tile = tile or default_tile(max_depth)
+    return min(n, (n + tile - 1) // tile * (max_depth - 1))
+
+
+def tree_tiles(parent: Any, depth: Any, max_depth: int, tile: int | None = None,
+               fixed: bool = False) -> TileLayout:
+    """The tile layout of rows in depth-first preorder (once per unit: it syncs for B).
+    With `fixed`, the boundary rows are padded with -1 to `boundary_capacity`, so every array's
+    shape depends on (rows, max_depth) alone: what a CUDA graph replayed over units needs."""
     tile = tile or default_tile(max_depth)
     n = len(depth)
     n_tiles = (n + tile - 1) // tile
@@ -714,6 +730,9 @@ def tree_tiles(parent: Any, depth: Any, max_depth: int, tile: int | None = None)
     brow = cp.flatnonzero(mark).astype(cp.int32)
     bidx = cp.full((n,), -1, dtype=cp.int32)
     bidx[brow] = cp.arange(len(brow), dtype=cp.int32)
+    if fixed:
+        brow = cp.concatenate([brow, cp.full(boundary_capacity(n, max_depth, tile) - len(brow), -1,
+                                             dtype=cp.int32)])
     return TileLayout(tile, anc, bidx, brow, max_depth)
 
 

@@ -37,6 +37,10 @@ class TreeLayout:
     def max_depth(self) -> int:
         return self.anc.shape[1]
 
+    def arrays(self) -> list[Any]:
+        """Its arrays (what a staged unit holds)."""
+        return [self.depth, self.anc, *self.level]
+
     @property
     def pos(self) -> np.ndarray:
         return self.depth - 1
@@ -59,6 +63,10 @@ class ParentTree:
     def n_rows(self) -> int:
         return len(self.depth)
 
+    def arrays(self) -> list[Any]:
+        """Its device arrays, in a fixed order (a graph's inputs are copied over in it)."""
+        return [self.parent, self.depth, *(self.tiles.arrays() if self.tiles is not None else [])]
+
     @property
     def pos(self) -> Any:
         return self.depth - 1
@@ -68,12 +76,13 @@ class ParentTree:
         return self.max_depth - 1
 
 
-def tree_layout(parent: np.ndarray, depth: np.ndarray) -> TreeLayout:
-    """Layout of rows in depth-first preorder; parent[i] < i is a row index or -1 (depth 1)."""
+def tree_layout(parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None) -> TreeLayout:
+    """Layout of rows in depth-first preorder; parent[i] < i is a row index or -1 (depth 1).
+    `max_depth` (at least the deepest row's) widens the ancestor table."""
     parent = np.asarray(parent, dtype=np.int64)
     depth = np.asarray(depth, dtype=np.int32)
     n = len(depth)
-    dm = int(depth.max()) if n else 1
+    dm = max(int(depth.max()) if n else 1, max_depth or 1)
     if n and (np.any(parent >= np.arange(n)) or np.any((parent < 0) != (depth == 1))
               or np.any(depth[parent[parent >= 0]] != depth[parent >= 0] - 1)):
         raise ValueError("rows are not a forest in preorder (parent before child, depth+1)")
