@@ -105,7 +105,8 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
     rows, ctx = mean_context(trie)
     return {"case": f"speed D={depth}{'' if cache else ' streamed'}", "gradient": gradient,
             "tf32": tf32,
-            "cuda_graphs": [r.get("cuda_graphs", 0) for r in eps], "device": name,
+            "cuda_graphs": [r.get("cuda_graphs", 0) for r in eps],
+            "cuda_graph_classes": [r.get("cuda_graph_classes", 0) for r in eps], "device": name,
             "backend": res["device"], "rows_per_epoch": eps[0]["rows"],
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
             "first_unit_wait_s": [r.get("first_unit_wait_s") for r in eps],

@@ -14,7 +14,13 @@ from agpt.model.config import ModelConfig
 from agpt.model.gpt import loss_and_grad
 from agpt.model.params import init_params
 from agpt.store.trie import open_trie
-from agpt.train.batches import unit_batch, window_batch, window_starts
+from agpt.train.batches import (
+    batch_arrays,
+    padded_unit_batch,
+    unit_batch,
+    window_batch,
+    window_starts,
+)
 from agpt.train.objective import Weighting
 from agpt.train.units import chunks, load_unit, unit_count
 
@@ -22,13 +28,14 @@ cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
 
-def grads(be, url, cfg, flat, w, max_rows, truncated):
+def grads(be, url, cfg, flat, w, max_rows, truncated, padded=False):
     t = open_trie(url)
     g = be.xp.zeros_like(flat)
     loss = 0.0
     for i in range(unit_count(t)):
         for c in chunks(load_unit(t, i), max_rows):
-            b, _ = unit_batch(be, c, t.vocab_size, w)
+            b, _ = (padded_unit_batch(be, c, t.vocab_size, w, t.max_depth) if padded
+                    else unit_batch(be, c, t.vocab_size, w))
             loss += loss_and_grad(cfg, be, flat, b, g, truncated)
     return loss, be.to_host(g)
 
@@ -52,6 +59,61 @@ def test_gpu_trie_gradient_equals_cpu(tmp_path: Path, gpu, scheme, max_rows, mod
     lg, gg = grads(gpu, url, cfg, gpu.asarray(flat), w, max_rows, mode[2])
     assert abs(lg - lc) <= 1e-5 * abs(lc)
     assert np.abs(gg - gc).max() <= 1e-5 * np.abs(gc).max()
+
+
+@pytest.mark.parametrize("scheme", ["unigram", "auto"])
+@pytest.mark.parametrize("max_rows", [10**9, 37])
+@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, True)])
+def test_gpu_padded_batches_equal_cpu(tmp_path: Path, gpu, scheme, max_rows, mode) -> None:
+    """Units padded to their capacity classes (rows, loss terms, and boundary rows padded with
+    -1, which the K/V gradient kernel skips) give the CPU reference's unpadded loss and
+    gradient."""
+    rng = np.random.default_rng(3)
+    D = 8
+    kw = {"partition_budget": 60} if scheme == "auto" else {}
+    url = make_trie(tmp_path, ["".join(rng.choice(list("abcdef \n"), 600))], D, scheme, **kw)
+    V = open_trie(url).vocab_size
+    cfg = ModelConfig(V, d_model=32, n_heads=4, n_layers=2, d_ff=64, context=D)
+    flat = init_params(cfg, rng)
+    w = Weighting(mode[0], mode[1])
+    lc, gc = grads(NumpyBackend("float32"), url, cfg, flat, w, max_rows, mode[2])
+    poison()
+    lg, gg = grads(gpu, url, cfg, gpu.asarray(flat), w, max_rows, mode[2], padded=True)
+    assert abs(lg - lc) <= 1e-5 * abs(lc)
+    assert np.abs(gg - gc).max() <= 1e-5 * np.abs(gc).max()
+
+
+def test_gpu_class_graphs_replay_every_unit_of_their_class(tmp_path: Path, gpu) -> None:
+    """One CUDA graph per capacity class, replayed over every unit of the class (its arrays
+    copied in first): each unit's loss and the summed gradient are the eager runs'. Every
+    array of a padded batch has a shape fixed by its class."""
+    from agpt.train.graphs import UnitGraphs
+    rng = np.random.default_rng(4)
+    D = 7
+    url = make_trie(tmp_path, ["".join(rng.choice(list("abcdefgh \n"), 3000))], D, "unigram")
+    t = open_trie(url)
+    cfg = ModelConfig(t.vocab_size, d_model=32, n_heads=4, n_layers=2, d_ff=64, context=D)
+    flat = gpu.asarray(init_params(cfg, rng))
+    w = Weighting("sqrt", 1.0)
+    order = list(range(unit_count(t))) * 2                  # every class replayed again
+    batches = [padded_unit_batch(gpu, load_unit(t, i), t.vocab_size, w, t.max_depth)[0]
+               for i in order]
+    shapes: dict[tuple[int, int], set] = {}           # (rows, terms) capacities -> shapes
+    for b in batches:
+        shapes.setdefault((len(b.tokens), len(b.targets.row)), set()).add(
+            tuple(a.shape for a in batch_arrays(b)))
+        assert not len(b.layout.tiles.brow) or int(b.layout.tiles.brow.min()) >= -1
+    assert all(len(v) == 1 for v in shapes.values()) and len(shapes) < unit_count(t)
+    g_eager = cp.zeros_like(flat)
+    eager = [float(loss_and_grad(cfg, gpu, flat, b, g_eager)) for b in batches]
+    g_graph = cp.zeros_like(flat)
+    graphs = UnitGraphs(gpu, lambda b: loss_and_grad(cfg, gpu, flat, b, g_graph))
+    poison()
+    replayed = [float(graphs.padded(b)) for b in batches]
+    assert graphs.n_classes == len({tuple(a.shape for a in batch_arrays(b)) for b in batches})
+    assert np.allclose(replayed, eager, rtol=1e-6, atol=0)
+    ge, gg = gpu.to_host(g_eager), gpu.to_host(g_graph)
+    assert np.abs(gg - ge).max() <= 1e-5 * np.abs(ge).max()
 
 
 def test_gpu_window_gradient_equals_cpu(tmp_path: Path, gpu) -> None:
@@ -150,7 +212,8 @@ def test_gpu_training_run_equals_cpu_and_reports_memory(tmp_path: Path, gpu) -> 
 
 def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu) -> None:
     """Per-partition updates over 3 epochs: replaying the cached units as CUDA graphs (epochs
-    2-3), and streaming every unit from the store each epoch (--no-gpu-cache), give the
+    2-3), and streaming every unit from the store each epoch (--no-gpu-cache: padded units
+    replayed on their classes' graphs), give the
     parameters and step losses of the eager cached run, with every update checked.
     (sgd: adam's normalisation turns the last-bit noise of float64 atomics on near-zero
     gradient entries into lr-sized steps, in eager runs as much as in replays.)"""
@@ -183,6 +246,7 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
     _, _, _, e2 = res["streamed"]
     assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
+    assert e2[0]["cuda_graph_classes"] > 1          # streamed units: padded, one graph a class
     for p1, l1, s1, _ in (res["graphs"], res["streamed"]):
         assert s0 == s1 == list(range(1, len(s0) + 1))    # every update logged once, in order
         # two eager runs already differ by ~5e-5..9e-5 of the largest parameter after these 3

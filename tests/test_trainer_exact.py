@@ -22,7 +22,14 @@ from agpt.model.gpt import loss_and_grad
 from agpt.model.layout import tree_layout
 from agpt.model.params import init_params
 from agpt.store.trie import open_trie
-from agpt.train.batches import unit_batch, window_batch, window_starts
+from agpt.train.batches import (
+    batch_arrays,
+    capacity,
+    padded_unit_batch,
+    unit_batch,
+    window_batch,
+    window_starts,
+)
 from agpt.train.objective import Weighting, row_weights
 from agpt.train.units import chunks, load_unit, unit_count
 
@@ -35,15 +42,18 @@ def tiny_model(V: int, D: int, seed: int = 0, layers: int = 2) -> tuple[ModelCon
 
 
 def trie_grad(url: str, cfg: ModelConfig, flat: np.ndarray, w: Weighting | None = None,
-              max_rows: int = 10**9, truncated: bool = False) -> tuple[float, float, np.ndarray]:
-    """(Σ weighted NLL, Σ z, gradient of the sum) over every unit and chunk of a store."""
+              max_rows: int = 10**9, truncated: bool = False,
+              padded: bool = False) -> tuple[float, float, np.ndarray]:
+    """(Σ weighted NLL, Σ z, gradient of the sum) over every unit and chunk of a store (each
+    chunk padded to its capacity class with `padded`)."""
     t = open_trie(url)
     w = w or Weighting()
     g = np.zeros_like(flat)
     loss = z = 0.0
     for i in range(unit_count(t)):
         for c in chunks(load_unit(t, i), max_rows):
-            b, zc = unit_batch(BE, c, t.vocab_size, w)
+            b, zc = (padded_unit_batch(BE, c, t.vocab_size, w, t.max_depth) if padded
+                     else unit_batch(BE, c, t.vocab_size, w))
             loss += loss_and_grad(cfg, BE, flat, b, g, truncated)
             z += zc
     return loss, z, g
@@ -223,3 +233,51 @@ def test_tree_layout_refuses_rows_not_in_preorder() -> None:
         tree_layout(np.array([-1, 0, -1, 1]), np.array([1, 2, 1, 3]))   # 3's parent not contiguous
     lay = tree_layout(np.array([-1, 0, 1, 0, -1]), np.array([1, 2, 3, 2, 1]))
     assert lay.anc[2].tolist() == [0, 1, 2] and lay.anc[3].tolist()[:2] == [0, 3]
+
+
+@pytest.mark.parametrize("scheme", ["unigram", "auto"])
+@pytest.mark.parametrize("max_rows", [10**9, 9])
+@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, True)])
+def test_padded_batches_give_the_units_loss_and_gradient(tmp_path: Path, scheme: str,
+                                                         max_rows: int, mode) -> None:
+    """A unit padded to its capacity class (what the GPU's per-class CUDA graphs replay):
+    padding rows, zero-weight terms and a wider ancestor table change nothing, for whole
+    partitions (with spine context rows), the spine, and chunks."""
+    rng = np.random.default_rng(11)
+    D = 6
+    kw = {"partition_budget": 30} if scheme == "auto" else {}
+    url = make_trie(tmp_path, [random_text(rng, 400, "abcde\n")], D, scheme, **kw)
+    cfg, flat = tiny_model(open_trie(url).vocab_size, D)
+    w = Weighting(mode[0], mode[1])
+    lu, zu, gu = trie_grad(url, cfg, flat, w, max_rows, mode[2])
+    lp, zp, gp = trie_grad(url, cfg, flat, w, max_rows, mode[2], padded=True)
+    assert zp == zu
+    assert abs(lp - lu) <= 1e-12 * abs(lu)
+    assert rel(gp, gu) <= 1e-12
+
+
+def test_padded_batch_shapes_depend_on_the_class_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    url = make_trie(tmp_path, [random_text(rng, 3000, "abcdefgh \n")], 7, "unigram")
+    t = open_trie(url)
+    units = [load_unit(t, i) for i in range(unit_count(t))]
+    keys: dict[tuple, set] = {}
+    for u in units:
+        b, _ = padded_unit_batch(BE, u, t.vocab_size, Weighting(), t.max_depth)
+        c = len(b.tokens)
+        assert c == capacity(u.n_rows + 1) and u.n_rows < c <= 1.5 * max(u.n_rows + 1, 86)
+        assert b.targets.rows == slice(0, c) and b.layout.max_depth == t.max_depth
+        m = len(b.targets.row)
+        assert int(b.targets.row[-1]) == c - 1 or m == int(u.count_ptr[-1])
+        # the NumPy layout lists rows by depth; the GPU's is fixed too (tests/test_gpu_backend)
+        keys.setdefault((c, m), set()).add(tuple(a.shape for a in batch_arrays(b)
+                                                 if not any(a is x for x in b.layout.arrays())))
+    assert len(keys) < len(units)                    # several units share a class
+    assert all(len(v) == 1 for v in keys.values())   # ... and its shapes
+
+
+def test_capacity_classes() -> None:
+    caps = sorted({capacity(n) for n in range(1, 1 << 18)})
+    assert caps[0] == 128 and caps[-1] == 1 << 18 and len(caps) == 23
+    assert all(b / a in (1.5, 4 / 3) for a, b in zip(caps, caps[1:], strict=False))
+    assert all(capacity(c) == c and capacity(c + 1) > c for c in caps)

@@ -90,8 +90,9 @@ def _optim(recipe: dict, kw: dict):
               help="Threads reading (and, on the GPU, staging) the next partitions "
                    "(0: 4 on the GPU, 2 on the CPU).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="GPU: replay each small cached partition's forward and backward as one CUDA "
-                   "graph from the second epoch on (same math, less launch overhead).")
+              help="GPU: replay each small partition's forward and backward as one CUDA graph: "
+                   "a cached one's from the second epoch on, a streamed one's padded to a size "
+                   "class (same math, less launch overhead).")
 @click.option("--gpu-cache/--no-gpu-cache", default=True, show_default=True,
               help="GPU: keep staged partitions on the device (within an eighth of the budget) "
                    "for later epochs; without, every epoch streams them from the store, as a "

@@ -36,6 +36,62 @@ def unit_batch(be, unit: Unit, vocab_size: int, w: Weighting) -> tuple[Batch, fl
     return to_device(be, unit.token, be.tree_layout(unit.parent, unit.depth), t), t.z
 
 
+#: the smallest capacity of a padded batch (rows or loss terms)
+MIN_CAPACITY = 128
+
+
+def capacity(n: int) -> int:
+    """The smallest of 2^k and 3 * 2^(k-1) (k >= 7) that holds n: a padded batch wastes under
+    a third of its rows (a sixth on average) and the sizes up to 2^18 rows take 23 classes."""
+    c = MIN_CAPACITY
+    while c < n:
+        c = c * 3 // 2 if c & (c - 1) == 0 else c // 3 * 4
+    return c
+
+
+def padded_unit_batch(be, unit: Unit, vocab_size: int, w: Weighting,
+                      max_depth: int) -> tuple[Batch, float]:
+    """unit_batch with every array's shape fixed by (capacity(rows + 1), capacity(terms),
+    max_depth), so one CUDA graph serves every unit of its class (their arrays copied in).
+
+    The padding rows are roots of depth 1 after the unit's rows (preorder holds; no real row
+    attends to them) with token 0 and no loss (row coefficient 0); every row is a loss row
+    (`rows` is all of them: the context rows get row coefficient 0, as in targets(dense)), and
+    the padding terms have coefficient 0 on the last row, which is always padding. Zero
+    coefficients give zero gradients, so the loss and gradient are the unit's own."""
+    t = targets(unit.count_ptr, unit.count_token, unit.count_value, unit.loss, vocab_size, w,
+                dense=True)
+    n = unit.n_rows
+    c, m = capacity(n + 1), capacity(len(t.row))
+    loss_rows = np.arange(n)[t.rows]
+    tokens = np.zeros(c, np.int64)
+    tokens[:n] = unit.token
+    parent = np.full(c, -1, np.int64)
+    parent[:n] = unit.parent
+    depth = np.ones(c, np.int32)
+    depth[:n] = unit.depth
+    row = np.full(m, c - 1, np.int64)
+    row[:len(t.row)] = loss_rows[t.row]
+    token = np.zeros(m, np.int64)
+    token[:len(t.token)] = t.token
+    coef = np.zeros(m)
+    coef[:len(t.coef)] = t.coef
+    row_coef = np.zeros(c)
+    row_coef[loss_rows] = t.row_coef
+    padded = HostTargets(slice(0, c), row, token, coef, row_coef, t.z)
+    return to_device(be, tokens, be.tree_layout(parent, depth, max_depth, fixed=True), padded), t.z
+
+
+def batch_arrays(b: Batch) -> list[Any]:
+    """A batch's arrays in a fixed order (what a graph's input buffers are copied over in)."""
+    t, lay = b.targets, b.layout
+    out = [b.tokens, *(lay.arrays() if hasattr(lay, "arrays") else [])]
+    if t is not None:
+        out += [t.row, t.token, t.coef, t.row_coef]
+        out += [] if isinstance(t.rows, slice) else [t.rows]
+    return out
+
+
 def window_batch(be, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
                  seq_len: int) -> tuple[Batch, float]:
     """Windows t[s .. s+len) each predicting t[s+1 .. s+len]; rows past len are padding.
@@ -66,4 +122,5 @@ def window_starts(doc_bounds: list[tuple[int, int]], seq_len: int) -> tuple[np.n
             np.concatenate(ln) if ln else np.zeros(0, np.int64))
 
 
-__all__ = ["unit_batch", "window_batch", "window_starts", "Weighting"]
+__all__ = ["unit_batch", "padded_unit_batch", "capacity", "batch_arrays", "window_batch",
+           "window_starts", "Weighting"]

@@ -5,7 +5,9 @@ itself when it has nodes below the root), reading the next ones on loader thread
 current one is computed. On the GPU the loaders also cut and upload each unit (pinned memory,
 side stream), and units stay cached on the device while they fit the budget, so later epochs
 read nothing; from then on a small cached unit's forward and backward (~300 kernel launches
-from Python) are replayed as one CUDA graph. The host never waits for the device between
+from Python) are replayed as one CUDA graph. Small units that are not cached (a trie larger
+than the cache, or `--no-gpu-cache`) are staged padded to a capacity class and replayed on
+their class's graph (agpt.train.graphs). The host never waits for the device between
 units (losses stay on the device, each update is checked once the device has done it:
 Session.settle), so it runs ahead through long units.
 A unit larger than the memory budget is cut into chunks
@@ -30,7 +32,8 @@ from agpt.errors import AgptError
 from agpt.model.config import ModelConfig
 from agpt.model.gpt import Batch, loss_and_grad
 from agpt.store.trie import TrieStore
-from agpt.train.batches import to_device, unit_batch
+from agpt.train.batches import batch_arrays, capacity, padded_unit_batch, to_device, unit_batch
+from agpt.train.graphs import UnitGraphs
 from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.session import Session
 from agpt.train.units import Unit, UnitReader, chunk, chunk_spans, chunks, load_unit, unit_count
@@ -85,7 +88,9 @@ def rows_for_budget(be, cfg: ModelConfig, depth: int, budget: int,
 class Staged:
     """A unit ready to compute: its chunks as device batches (built on loader threads when the
     backend stages in the background, else lazily from the host unit). A unit of several
-    chunks may still be uploading them (`pending`): the trainer starts on the first."""
+    chunks may still be uploading them (`pending`): the trainer starts on the first. A
+    `padded` unit is one batch of a capacity class (batches.padded_unit_batch), replayed on
+    its class's CUDA graph."""
 
     name: str
     n_rows: int
@@ -93,6 +98,7 @@ class Staged:
     batches: list[tuple[Batch, float]] | None
     nbytes: int = 0
     pending: list[Future] | None = None
+    padded: bool = False
 
     def each(self, be, max_rows: int, vocab_size: int, w: Weighting) -> Iterator[tuple[Batch, float]]:
         if self.pending is not None:
@@ -156,14 +162,20 @@ def warm_up_device(s: Session, depth: int, vocab_size: int, truncated: bool) -> 
 
 
 def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting,
-          chunk_pool: ThreadPoolExecutor | None = None) -> Staged:
+          chunk_pool: ThreadPoolExecutor | None = None, pad_rows: int = 0) -> Staged:
     """Read unit i; on a staging backend, also cut and upload its chunks (pinned, side stream).
     With `chunk_pool`, a unit of several chunks returns at once, its chunks being cut and
     uploaded there side by side (the 4M-row unit of tinyshakespeare D=32 took ~0.6 s to stage
-    on one thread, against ~0.1 s of GPU work)."""
-    unit, vocab_size = reader.unit(i), reader.store.vocab_size
+    on one thread, against ~0.1 s of GPU work). A unit whose capacity class is at most
+    `pad_rows` rows is staged padded to it, for its class's CUDA graph."""
+    unit, store = reader.unit(i), reader.store
+    vocab_size = store.vocab_size
     if not getattr(be, "stage_in_background", False):
         return Staged(unit.name, unit.n_rows, unit, None)
+    if capacity(unit.n_rows + 1) <= pad_rows:
+        with be.staged():
+            b = padded_unit_batch(be, unit, vocab_size, w, store.max_depth)
+        return Staged(unit.name, unit.n_rows, None, [b], _nbytes(b[0]), padded=True)
 
     def upload(span: tuple[int, int]) -> tuple[Batch, float]:
         c = chunk(unit, span)
@@ -186,11 +198,7 @@ def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting,
 
 
 def _nbytes(b: Batch) -> int:
-    t, lay = b.targets, b.layout
-    arrays = [b.tokens, t.row, t.token, t.coef, t.row_coef] if t else [b.tokens]
-    arrays += [t.rows] if t and not isinstance(t.rows, slice) else []
-    arrays += [getattr(lay, n) for n in ("parent", "depth", "anc") if hasattr(lay, n)]
-    return sum(int(a.nbytes) for a in arrays)
+    return sum(int(a.nbytes) for a in batch_arrays(b))
 
 
 class Prefetch:
@@ -330,29 +338,31 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     warmed = plan is None
     cache: dict[int, Staged] = {}           # device-resident units (GPU, while they fit)
     cached_bytes = 0
+    # units are cached in the first epoch this process runs; once it is done, the others are
+    # streamed every epoch (and, small, staged padded for their classes' graphs)
+    cache_open = args.gpu_cache
 
-    def make(reader: UnitReader, i: int) -> Staged:
-        return cache.get(i) or stage(be, reader, i, max_rows, w, chunk_pool)
-
-    graphs: dict[int, tuple[Any, Any]] = {}   # unit -> (CUDA graph, its loss buffer)
     graph_rows = 0
     if plan is not None and args.cuda_graphs:
         graph_rows = min(GRAPH_MAX_ROWS, max_rows,
                          plan.graphs // be.bytes_per_row(cfg, store.max_depth))
         if graph_rows < GRAPH_MIN_ROWS:
             graph_rows = 0                # a budget this small keeps every launch eager
+    graphs = UnitGraphs(be, lambda batch: loss_and_grad(cfg, be, s.params, batch, s.grad,
+                                                        truncated))
+
+    def make(reader: UnitReader, pad_rows: int, i: int) -> Staged:
+        return cache.get(i) or stage(be, reader, i, max_rows, w, chunk_pool, pad_rows)
 
     def compute(i: int, unit: Staged) -> tuple[Any, float]:
         """The unit's summed loss (a device scalar on the GPU) and weight; gradient added."""
+        if unit.padded:
+            batch, zc = unit.batches[0]
+            return graphs.padded(batch), zc
         if (i in cache and unit.batches is not None and len(unit.batches) == 1
                 and unit.n_rows <= graph_rows):
             batch, zc = unit.batches[0]
-            if i not in graphs:
-                graphs[i] = be.capture(lambda: loss_and_grad(cfg, be, s.params, batch, s.grad,
-                                                             truncated))
-            g, loss = graphs[i]
-            g.launch()
-            return loss.copy(), zc       # the buffer is rewritten by the next replay
+            return graphs.own(i, batch), zc
         loss_sum: Any = 0.0
         z = 0.0
         for batch, zc in unit.each(be, max_rows, store.vocab_size, w):
@@ -363,7 +373,8 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     def open_epoch(e: int, start: int, lead: int) -> Prefetch:
         todo = epoch_order(args, n_units, e)[start:]
         reader = UnitReader(store, [i for i in todo if i not in cache])
-        return Prefetch(functools.partial(make, reader), todo, workers=loaders,
+        pad_rows = 0 if cache_open else graph_rows
+        return Prefetch(functools.partial(make, reader, pad_rows), todo, workers=loaders,
                         ahead=2 * loaders, rows_ahead=lead,
                         rows=lambda i: int(radix_rows[i]) if i < len(radix_rows) else 0)
 
@@ -426,7 +437,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                     z_acc += z
                     loss_acc = loss_acc + loss_sum
                 if plan is not None and i not in cache:
-                    if args.gpu_cache and cached_bytes + unit.nbytes <= plan.cache:
+                    if cache_open and not unit.padded and cached_bytes + unit.nbytes <= plan.cache:
                         cache[i] = unit
                         cached_bytes += unit.nbytes
                     else:
@@ -454,12 +465,14 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                 s.check_finite(loss_acc, f"epoch {e + 1}")
             s.settle()
             be.synchronize()
+            cache_open = False
             ep_loss = float(ep_loss)
             secs = time.perf_counter() - t_ep
             s.pos.epoch, s.pos.unit = e + 1, 0
             gpu = {} if plan is None else {"gpu_peak_mb": round(be.peak_memory() / 2**20, 1),
                                            "gpu_cached_units": len(cache), "chunk_rows": max_rows,
-                                           "cuda_graphs": len(graphs)}
+                                           "cuda_graphs": graphs.n_own,
+                                           "cuda_graph_classes": graphs.n_classes}
             s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
                   rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
                   first_unit_wait_s=round(first_wait or 0.0, 3), warm_up_s=round(warm_s, 3),
