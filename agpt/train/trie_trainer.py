@@ -49,7 +49,7 @@ class TrieArgs:
     memory_budget: int = 2 << 30     # CPU: bytes of activations per chunk
     gpu_memory_budget: int = 0       # GPU: bytes the run may hold on the device (0: 90% of free)
     loaders: int = 0                 # threads reading (and staging) the next units (0: auto)
-    cuda_graphs: bool = True         # GPU: replay small cached units as CUDA graphs
+    cuda_graphs: bool = True         # GPU: replay small units as CUDA graphs
     gpu_cache: bool = True           # GPU: keep staged units on the device for later epochs
     shuffle: bool = False            # visit partitions in a seeded random order each epoch
     seed: int = 0
@@ -267,7 +267,7 @@ GRAPH_MIN_ROWS = 1 << 10
 class GpuPlan:
     """How a GPU run splits its memory budget: activations of one chunk (1/2), staged units
     in flight (1/4), a device cache of staged units reused from the second epoch on (1/8),
-    and the temporaries of the CUDA graphs that replay small cached units (1/8)."""
+    and the temporaries of the CUDA graphs that replay small units (1/8)."""
 
     budget: int
     activations: int
@@ -338,8 +338,9 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
     warmed = plan is None
     cache: dict[int, Staged] = {}           # device-resident units (GPU, while they fit)
     cached_bytes = 0
-    # units are cached in the first epoch this process runs; once it is done, the others are
-    # streamed every epoch (and, small, staged padded for their classes' graphs)
+    # units are cached in the first whole epoch this process runs (a resumed partial epoch
+    # does not count); after it, the others are streamed every epoch (and, small, staged
+    # padded for their classes' graphs)
     cache_open = args.gpu_cache
 
     graph_rows = 0
@@ -398,6 +399,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
             io_wait = 0.0
             z_acc = 0.0
             loss_acc: Any = 0.0
+            whole = s.pos.unit == 0
             units = nxt if nxt is not None else open_epoch(e, s.pos.unit, rows_ahead)
             nxt = None
             units.rows_ahead = rows_ahead
@@ -465,7 +467,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                 s.check_finite(loss_acc, f"epoch {e + 1}")
             s.settle()
             be.synchronize()
-            cache_open = False
+            cache_open = cache_open and not whole
             ep_loss = float(ep_loss)
             secs = time.perf_counter() - t_ep
             s.pos.epoch, s.pos.unit = e + 1, 0
