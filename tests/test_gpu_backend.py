@@ -40,35 +40,10 @@ def grads(be, url, cfg, flat, w, max_rows, truncated, padded=False):
     return loss, be.to_host(g)
 
 
-@pytest.mark.parametrize("scheme", ["unigram", "bigram", "auto"])
-@pytest.mark.parametrize("max_rows", [10**9, 37])
-@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, False), ("log", 0.5, True),
-                                  ("off", 0.0, True)])
-def test_gpu_trie_gradient_equals_cpu(tmp_path: Path, gpu, scheme, max_rows, mode) -> None:
+def check_gpu_equals_cpu(tmp_path: Path, gpu, scheme, max_rows, mode, padded=False) -> None:
+    """Loss and every parameter gradient of a random store on the GPU (each unit padded to its
+    capacity class with `padded`) against the unpadded CPU reference, within 1e-5."""
     rng = np.random.default_rng(1)
-    D = 8
-    kw = {"partition_budget": 60} if scheme == "auto" else {}
-    url = make_trie(tmp_path, ["".join(rng.choice(list("abcdef \n"), 600))], D, scheme, **kw)
-    V = open_trie(url).vocab_size
-    cfg = ModelConfig(V, d_model=32, n_heads=4, n_layers=2, d_ff=64, context=D)
-    flat = init_params(cfg, rng)
-    w = Weighting(mode[0], mode[1])
-    cpu = NumpyBackend("float32")
-    lc, gc = grads(cpu, url, cfg, flat, w, max_rows, mode[2])
-    poison()
-    lg, gg = grads(gpu, url, cfg, gpu.asarray(flat), w, max_rows, mode[2])
-    assert abs(lg - lc) <= 1e-5 * abs(lc)
-    assert np.abs(gg - gc).max() <= 1e-5 * np.abs(gc).max()
-
-
-@pytest.mark.parametrize("scheme", ["unigram", "auto"])
-@pytest.mark.parametrize("max_rows", [10**9, 37])
-@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, True)])
-def test_gpu_padded_batches_equal_cpu(tmp_path: Path, gpu, scheme, max_rows, mode) -> None:
-    """Units padded to their capacity classes (rows, loss terms, and boundary rows padded with
-    -1, which the K/V gradient kernel skips) give the CPU reference's unpadded loss and
-    gradient."""
-    rng = np.random.default_rng(3)
     D = 8
     kw = {"partition_budget": 60} if scheme == "auto" else {}
     url = make_trie(tmp_path, ["".join(rng.choice(list("abcdef \n"), 600))], D, scheme, **kw)
@@ -78,9 +53,27 @@ def test_gpu_padded_batches_equal_cpu(tmp_path: Path, gpu, scheme, max_rows, mod
     w = Weighting(mode[0], mode[1])
     lc, gc = grads(NumpyBackend("float32"), url, cfg, flat, w, max_rows, mode[2])
     poison()
-    lg, gg = grads(gpu, url, cfg, gpu.asarray(flat), w, max_rows, mode[2], padded=True)
+    lg, gg = grads(gpu, url, cfg, gpu.asarray(flat), w, max_rows, mode[2], padded)
     assert abs(lg - lc) <= 1e-5 * abs(lc)
     assert np.abs(gg - gc).max() <= 1e-5 * np.abs(gc).max()
+
+
+@pytest.mark.parametrize("scheme", ["unigram", "bigram", "auto"])
+@pytest.mark.parametrize("max_rows", [10**9, 37])
+@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, False), ("log", 0.5, True),
+                                  ("off", 0.0, True)])
+def test_gpu_trie_gradient_equals_cpu(tmp_path: Path, gpu, scheme, max_rows, mode) -> None:
+    check_gpu_equals_cpu(tmp_path, gpu, scheme, max_rows, mode)
+
+
+@pytest.mark.parametrize("scheme", ["unigram", "auto"])
+@pytest.mark.parametrize("max_rows", [10**9, 37])
+@pytest.mark.parametrize("mode", [("linear", 0.0, False), ("sqrt", 1.0, True)])
+def test_gpu_padded_batches_equal_cpu(tmp_path: Path, gpu, scheme, max_rows, mode) -> None:
+    """Units padded to their capacity classes (rows, loss terms, and boundary rows padded with
+    -1, which the K/V gradient kernel skips) give the CPU reference's unpadded loss and
+    gradient."""
+    check_gpu_equals_cpu(tmp_path, gpu, scheme, max_rows, mode, padded=True)
 
 
 def test_gpu_class_graphs_replay_every_unit_of_their_class(tmp_path: Path, gpu) -> None:

@@ -172,29 +172,32 @@ def stage(be, reader: UnitReader, i: int, max_rows: int, w: Weighting,
     vocab_size = store.vocab_size
     if not getattr(be, "stage_in_background", False):
         return Staged(unit.name, unit.n_rows, unit, None)
-    if capacity(unit.n_rows + 1) <= pad_rows:
-        with be.staged():
-            b = padded_unit_batch(be, unit, vocab_size, w, store.max_depth)
-        return Staged(unit.name, unit.n_rows, None, [b], _nbytes(b[0]), padded=True)
+    # a padded unit fits one chunk: its class is at most pad_rows <= max_rows rows
+    padded = capacity(unit.n_rows + 1) <= pad_rows
+
+    def build(span: tuple[int, int]) -> tuple[Batch, float]:
+        if padded:
+            return padded_unit_batch(be, unit, vocab_size, w, store.max_depth)
+        return unit_batch(be, chunk(unit, span), vocab_size, w)
 
     def upload(span: tuple[int, int]) -> tuple[Batch, float]:
-        c = chunk(unit, span)
         try:
             with be.staged():
-                return unit_batch(be, c, vocab_size, w)
+                return build(span)
         except be.xp.cuda.memory.OutOfMemoryError:
             # the pool caches freed blocks per stream and they count against the cap: release
             # the ones no stream uses, then try once more
             be.xp.get_default_memory_pool().free_all_blocks()
             with be.staged():
-                return unit_batch(be, c, vocab_size, w)
+                return build(span)
 
     spans = chunk_spans(unit, max_rows)
     if len(spans) > 1 and chunk_pool is not None:
         return Staged(unit.name, unit.n_rows, None, None,
                       pending=[chunk_pool.submit(upload, sp) for sp in spans])
     batches = [upload(sp) for sp in spans]
-    return Staged(unit.name, unit.n_rows, None, batches, sum(_nbytes(b) for b, _ in batches))
+    return Staged(unit.name, unit.n_rows, None, batches, sum(_nbytes(b) for b, _ in batches),
+                  padded=padded)
 
 
 def _nbytes(b: Batch) -> int:
