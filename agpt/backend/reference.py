@@ -33,6 +33,15 @@ class NumpyBackend:
     def to_host(self, a: Any) -> np.ndarray:
         return np.asarray(a)
 
+    def copy_arrays(self, dst: list[Any], src: list[Any]) -> None:
+        """Each array of src into the one of dst (same shapes and dtypes)."""
+        for d, s in zip(dst, src, strict=True):
+            d[...] = s
+
+    def fetch(self, a: Any) -> tuple[np.ndarray, Any]:
+        """(host copy, event after it: None when it is ready already, as here)."""
+        return np.asarray(a), None
+
     def prepare(self, layout: Any) -> Any:
         """Move a layout's index arrays to the device (identity on the CPU)."""
         return layout

@@ -59,8 +59,7 @@ class UnitGraphs:
             inputs = copy.deepcopy(batch)              # the class's buffers, holding this unit
             self._classes[key] = (inputs, *self.be.capture(lambda: self._run(inputs)))
         else:
-            for dst, src in zip(batch_arrays(self._classes[key][0]), arrays, strict=True):
-                dst[...] = src
+            self.be.copy_arrays(batch_arrays(self._classes[key][0]), arrays)
         _, graph, loss = self._classes[key]
         graph.launch()
         return loss.copy()

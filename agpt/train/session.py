@@ -111,8 +111,8 @@ class Session:
         holds it, and named by its own update."""
         lr = self.lr()
         stats = self.opt.update(self.params, self.grad, z, self.be.xp.asarray(loss_sum), lr)
-        done = self.be.record() if self.check_lag else None
-        self._pending.append((done, stats, z, lr, where, self.pos.update, self.pos.epoch, log))
+        host, done = self.be.fetch(stats)           # no wait: read once `done` has happened
+        self._pending.append((done, host, z, lr, where, self.pos.update, self.pos.epoch, log))
         self.pos.update += 1
         while self._pending and (len(self._pending) > self.check_lag
                                  or self._pending[0][0] is None or self._pending[0][0].done):
@@ -133,8 +133,10 @@ class Session:
             self._settle_one()
 
     def _settle_one(self) -> None:
-        _, stats, z, lr, where, update, epoch, log = self._pending.popleft()
-        ok, norm, loss_sum = self.be.to_host(stats).tolist()     # one transfer, one wait
+        done, stats, z, lr, where, update, epoch, log = self._pending.popleft()
+        if done is not None:
+            done.synchronize()          # this update's stats only, not the work queued since
+        ok, norm, loss_sum = stats.tolist()
         if not ok:
             self._pending.clear()
             self.pos.update = update

@@ -68,7 +68,8 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
         e = s.pos.epoch
         order = np.random.default_rng([args.seed, e]).permutation(len(starts)) \
             if args.starts == "all" else None
-        t_ep, n_ep, l_ep = time.perf_counter(), 0, 0.0
+        t_ep, n_ep = time.perf_counter(), 0
+        l_ep: Any = 0.0
         while s.pos.unit < per_epoch:
             k = s.pos.unit
             if order is not None:
@@ -78,13 +79,15 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
                 rng = np.random.default_rng([args.seed, s.pos.update])
                 sel = rng.integers(0, len(starts), args.batch_size)
             batch, z = window_batch(be, toks, starts[sel], lengths[sel], args.seq_len)
-            loss_sum = float(loss_and_grad(cfg, be, s.params, batch, s.grad))
+            # the loss stays on the device (a device scalar): reading it per batch would make
+            # the host wait for each batch before preparing the next
+            loss_sum = loss_and_grad(cfg, be, s.params, batch, s.grad)
             lr = s.lr()
             s.update(z, loss_sum, f"epoch {e + 1} batch {k + 1}/{per_epoch}", positions=int(z))
             s.pos.unit = k + 1
             n_ep += int(z)
-            l_ep += loss_sum
-            s.show(f"epoch {e + 1}/{epochs} batch {k + 1}/{per_epoch} loss {loss_sum / z:.4f} "
+            l_ep = l_ep + loss_sum
+            s.show(f"epoch {e + 1}/{epochs} batch {k + 1}/{per_epoch} "
                    f"lr {lr:.3g} positions/s {n_ep / (time.perf_counter() - t_ep):,.0f}")
             if args.checkpoint_every and s.pos.update % args.checkpoint_every == 0:
                 s.save()
@@ -92,6 +95,7 @@ def train_windows(s: Session, corpus: CorpusStore, args: WindowArgs,
                 stop = True
                 break
         s.settle()
+        l_ep = float(l_ep)
         secs = time.perf_counter() - t_ep
         if not stop:
             s.pos.epoch, s.pos.unit = e + 1, 0
