@@ -84,13 +84,14 @@ def floor(cfg, rows: int, ctx: float, device: str, tf32: bool) -> dict:
 
 
 def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loaders: int,
-          graphs: bool = True, cache: bool = True) -> dict:
+          graphs: bool = True, cache: bool = True, host_workers: int = 0) -> dict:
     _, trie = stores(work, depth, holdout=0.0)     # the whole text, as the seed's figures
     tag = (f"speed-d{depth}-{gradient}{'-tf32' if tf32 else ''}{'' if graphs else '-nographs'}"
            f"{'' if cache else '-stream'}")
     out, metrics = work / f"{tag}.ckpt", work / f"{tag}.jsonl"
     args = TrieArgs(epochs=epochs, step="partition", gradient=gradient, mass_weight="linear",
-                    entropy_lambda=1.0, loaders=loaders, cuda_graphs=graphs, gpu_cache=cache)
+                    entropy_lambda=1.0, loaders=loaders, host_workers=host_workers,
+                    cuda_graphs=graphs, gpu_cache=cache)
     t0 = time.perf_counter()
     res = train_trie(trie, str(out), args, OptimConfig("rmsprop", lr=3e-3, beta2=0.999),
                      device="cuda", metrics=str(metrics), progress=False, force=True, tf32=tf32)
@@ -176,6 +177,8 @@ def main() -> None:
     ap.add_argument("--gradients", default="exact")
     ap.add_argument("--tf32", action="store_true")
     ap.add_argument("--loaders", type=int, default=0, help="0: the trainer's default (4 on the GPU)")
+    ap.add_argument("--host-workers", type=int, default=0,
+                    help="0: the trainer's default; -1: prepare units on the loader threads")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="launch every unit's kernels from Python (no graph replay)")
     ap.add_argument("--stream", action="store_true",
@@ -191,7 +194,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if case == "speed":
                 res = [speed(work, depth, a.epochs, g, a.tf32, a.loaders, not a.no_cuda_graphs,
-                             not a.stream)
+                             not a.stream, a.host_workers)
                        for g in a.gradients.split(",")]
             elif case == "window":
                 res = [window(work, depth, a.tf32)]

@@ -136,6 +136,27 @@ def test_gpu_scatter_add(gpu) -> None:
     assert np.abs(gpu.to_host(d_gpu) - dst).max() <= 1e-5
 
 
+def test_gpu_fetch_and_copy_arrays(gpu) -> None:
+    """fetch: the value after the work queued before it, once its event is done, without a
+    stream-wide wait; copy_arrays: each array exactly, nothing around it."""
+    x = cp.arange(1 << 20, dtype=cp.float64)
+    for _ in range(20):                      # queued work the fetch must come after
+        x += 1.0
+    host, done = gpu.fetch(x[-3:])
+    done.synchronize()
+    np.testing.assert_array_equal(host, [(1 << 20) + 17.0, (1 << 20) + 18.0, (1 << 20) + 19.0])
+    poison()
+    src = [cp.arange(n, dtype=dt) for n, dt in ((5, cp.int64), (0, cp.int32), (7, cp.float32))]
+    big = cp.full(64, -1, cp.int64)
+    dst = [big[8:13], cp.empty(0, cp.int32), cp.full(7, cp.nan, cp.float32)]
+    gpu.copy_arrays(dst, src)
+    for d, s in zip(dst, src, strict=True):
+        np.testing.assert_array_equal(cp.asnumpy(d), cp.asnumpy(s))
+    assert (cp.asnumpy(big[:8]) == -1).all() and (cp.asnumpy(big[13:]) == -1).all()
+    with pytest.raises(ValueError, match="into"):
+        gpu.copy_arrays([cp.empty(3, cp.int64)], [cp.empty(4, cp.int64)])
+
+
 def test_gpu_tf32_gradient_bound(tmp_path: Path, gpu) -> None:
     """TF32 matmuls (10-bit mantissas): the gradient stays within 5e-3 of the fp32 reference
     (relative to its largest entry); the measured error is printed for docs/GPU_TESTS.md."""
@@ -219,13 +240,15 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     rng = np.random.default_rng(9)
     url = make_trie(tmp_path, ["".join(rng.choice(list("abcdefgh \n"), 3000))], 8, "unigram")
     res = {}
-    for name, graphs, cache in (("eager", False, True), ("graphs", True, True),
-                                ("streamed", True, False)):
+    # streamed: units prepared by worker processes (the default), or on the loader threads
+    for name, graphs, cache, workers in (("eager", False, True, 0), ("graphs", True, True, 0),
+                                         ("streamed", True, False, 2),
+                                         ("streamed-threads", True, False, -1)):
         out = tmp_path / name
         # shuffled: the next epoch's loaders start before this epoch ends, and may stage a
         # unit this epoch has yet to cache
         args = TrieArgs(epochs=3, step="partition", cuda_graphs=graphs, gpu_cache=cache,
-                        shuffle=True, seed=3)
+                        shuffle=True, seed=3, host_workers=workers)
         train_trie(url, str(out), args, OptimConfig("sgd", lr=0.05), device="cuda",
                    progress=False, model="micro")
         recs = [json.loads(x) for x in open(f"{out}.metrics.jsonl")]
@@ -237,10 +260,10 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     assert e0[-1]["cuda_graphs"] == 0 and e0[-1]["gpu_cached_units"] > 1
     _, _, _, e1 = res["graphs"]
     assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
-    _, _, _, e2 = res["streamed"]
-    assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
-    assert e2[0]["cuda_graph_classes"] > 1          # streamed units: padded, one graph a class
-    for p1, l1, s1, _ in (res["graphs"], res["streamed"]):
+    for e2 in (res["streamed"][3], res["streamed-threads"][3]):
+        assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
+        assert e2[0]["cuda_graph_classes"] > 1      # streamed units: padded, one graph a class
+    for p1, l1, s1, _ in (res["graphs"], res["streamed"], res["streamed-threads"]):
         assert s0 == s1 == list(range(1, len(s0) + 1))    # every update logged once, in order
         # two eager runs already differ by ~5e-5..9e-5 of the largest parameter after these 3
         # epochs (float64 atomics' last bits, grown by ReLU masks flipping; measured on an

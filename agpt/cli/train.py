@@ -89,6 +89,11 @@ def _optim(recipe: dict, kw: dict):
 @click.option("--loaders", type=int, default=0, show_default=True,
               help="Threads reading (and, on the GPU, staging) the next partitions "
                    "(0: 4 on the GPU, 2 on the CPU).")
+@click.option("--host-workers", type=int, default=0, show_default=True,
+              help="GPU: processes that read partitions and prepare their rows and loss terms "
+                   "for the loaders (0: half the cores, at most 6, when the run streams "
+                   "partitions, i.e. they may not all stay cached on the device; N: N processes; "
+                   "-1: none, the loader threads do it).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="GPU: replay each small partition's forward and backward as one CUDA graph: "
                    "a cached one's from the second epoch on, a streamed one's padded to a size "
@@ -115,7 +120,7 @@ def train_cmd(store: str, recipe: str | None, **kw) -> None:
                     entropy_lambda=pick("entropy_lambda", 0.0),
                     memory_budget=parse_bytes(kw["memory_budget"]),
                     gpu_memory_budget=parse_bytes(kw["gpu_memory_budget"]),
-                    loaders=kw["loaders"], cuda_graphs=kw["cuda_graphs"], gpu_cache=kw["gpu_cache"],
+                    loaders=kw["loaders"], host_workers=kw["host_workers"], cuda_graphs=kw["cuda_graphs"], gpu_cache=kw["gpu_cache"],
                     shuffle=kw["shuffle"],
                     seed=kw["seed"])
     res = train_trie(store, kw["out"], args, _optim(rec, kw), init=kw["init"], model=kw["model"],

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from agpt.model.gpt import Batch, Targets
 from agpt.model.layout import WindowLayout
 from agpt.train.objective import HostTargets, Weighting, targets
-from agpt.train.units import Unit
+from agpt.train.units import Unit, chunk, chunk_spans
+
+T = TypeVar("T")
 
 
 def _rows(be, rows: np.ndarray | slice) -> Any:
@@ -29,11 +34,44 @@ def to_device(be, tokens: np.ndarray, layout, t: HostTargets) -> Batch:
                          be.asarray(t.coef, dt), be.asarray(t.row_coef, dt)))
 
 
-def unit_batch(be, unit: Unit, vocab_size: int, w: Weighting) -> tuple[Batch, float]:
-    """A trie unit (or chunk) as a batch, and its share of the normaliser."""
+@dataclass
+class HostBatch:
+    """A batch's host arrays, ready to upload: its rows as a forest (tokens, parent, depth; a
+    padded batch also fixes the layout's shapes: `max_depth`, `fixed`) and its loss terms."""
+
+    tokens: np.ndarray
+    parent: np.ndarray
+    depth: np.ndarray
+    targets: HostTargets
+    max_depth: int | None = None
+    fixed: bool = False
+
+    def upload(self, be) -> tuple[Batch, float]:
+        """The device batch (its tree layout built on the device) and its share of z."""
+        layout = be.tree_layout(self.parent, self.depth, self.max_depth, self.fixed)
+        return to_device(be, self.tokens, layout, self.targets), self.targets.z
+
+    def for_device(self, dtype: Any) -> HostBatch:
+        """The same batch in the dtypes the GPU backend uploads (int32 parents, `dtype`
+        coefficients): converted where it is built (a worker process), not on upload."""
+        t = self.targets
+        return HostBatch(np.asarray(self.tokens, np.int64), self.parent.astype(np.int32),
+                         self.depth.astype(np.int32),
+                         HostTargets(t.rows, t.row, t.token, t.coef.astype(dtype),
+                                     t.row_coef.astype(dtype), t.z),
+                         self.max_depth, self.fixed)
+
+
+def host_unit_batch(unit: Unit, vocab_size: int, w: Weighting) -> HostBatch:
+    """A trie unit (or chunk) as a host batch."""
     t = targets(unit.count_ptr, unit.count_token, unit.count_value, unit.loss, vocab_size, w,
                 dense=True)
-    return to_device(be, unit.token, be.tree_layout(unit.parent, unit.depth), t), t.z
+    return HostBatch(unit.token, unit.parent, unit.depth, t)
+
+
+def unit_batch(be, unit: Unit, vocab_size: int, w: Weighting) -> tuple[Batch, float]:
+    """A trie unit (or chunk) as a batch, and its share of the normaliser."""
+    return host_unit_batch(unit, vocab_size, w).upload(be)
 
 
 #: the smallest capacity of a padded batch (rows or loss terms)
@@ -49,10 +87,10 @@ def capacity(n: int) -> int:
     return c
 
 
-def padded_unit_batch(be, unit: Unit, vocab_size: int, w: Weighting,
-                      max_depth: int) -> tuple[Batch, float]:
-    """unit_batch with every array's shape fixed by (capacity(rows + 1), capacity(terms),
-    max_depth), so one CUDA graph serves every unit of its class (their arrays copied in).
+def host_padded_batch(unit: Unit, vocab_size: int, w: Weighting, max_depth: int) -> HostBatch:
+    """host_unit_batch with every array's shape fixed by (capacity(rows + 1),
+    capacity(terms), max_depth), so one CUDA graph serves every unit of its class (their
+    arrays copied in).
 
     The padding rows are roots of depth 1 after the unit's rows (preorder holds; no real row
     attends to them) with token 0 and no loss (row coefficient 0); every row is a loss row
@@ -79,7 +117,72 @@ def padded_unit_batch(be, unit: Unit, vocab_size: int, w: Weighting,
     row_coef = np.zeros(c)
     row_coef[loss_rows] = t.row_coef
     padded = HostTargets(slice(0, c), row, token, coef, row_coef, t.z)
-    return to_device(be, tokens, be.tree_layout(parent, depth, max_depth, fixed=True), padded), t.z
+    return HostBatch(tokens, parent, depth, padded, max_depth, fixed=True)
+
+
+def padded_unit_batch(be, unit: Unit, vocab_size: int, w: Weighting,
+                      max_depth: int) -> tuple[Batch, float]:
+    """host_padded_batch, uploaded."""
+    return host_padded_batch(unit, vocab_size, w, max_depth).upload(be)
+
+
+class Piece(Protocol):
+    """One batch of a unit on the host (a chunk, or the whole unit), uploaded once."""
+
+    def upload(self, put: Callable[[HostBatch], T]) -> T:
+        """put(the host batch): its arrays are valid only during the call."""
+
+    def discard(self) -> None:
+        """Release it without uploading."""
+
+
+@dataclass
+class LazyPiece:
+    """A piece built by the thread that uploads it (a unit's chunks are cut side by side)."""
+
+    build: Callable[[], HostBatch]
+
+    def upload(self, put: Callable[[HostBatch], T]) -> T:
+        return put(self.build())
+
+    def discard(self) -> None:
+        pass
+
+
+@dataclass
+class HostUnit:
+    """A unit's batches on the host: one per chunk, or one padded to its capacity class."""
+
+    name: str
+    n_rows: int
+    padded: bool
+    pieces: list[Piece]
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """How units become host batches: chunks of at most `max_rows` rows; a unit whose
+    capacity class is at most `pad_rows` rows (<= max_rows) padded to it (0: none)."""
+
+    vocab_size: int
+    weighting: Weighting
+    max_rows: int
+    max_depth: int
+    pad_rows: int = 0
+
+
+def host_unit(unit: Unit, spec: HostSpec) -> HostUnit:
+    """The unit's pieces, built lazily."""
+    if capacity(unit.n_rows + 1) <= spec.pad_rows:
+        return HostUnit(unit.name, unit.n_rows, True, [LazyPiece(functools.partial(
+            host_padded_batch, unit, spec.vocab_size, spec.weighting, spec.max_depth))])
+
+    def piece(span: tuple[int, int]) -> HostBatch:
+        return host_unit_batch(chunk(unit, span), spec.vocab_size, spec.weighting)
+
+    return HostUnit(unit.name, unit.n_rows, False,
+                    [LazyPiece(functools.partial(piece, sp))
+                     for sp in chunk_spans(unit, spec.max_rows)])
 
 
 def batch_arrays(b: Batch) -> list[Any]:
@@ -122,5 +225,6 @@ def window_starts(doc_bounds: list[tuple[int, int]], seq_len: int) -> tuple[np.n
             np.concatenate(ln) if ln else np.zeros(0, np.int64))
 
 
-__all__ = ["unit_batch", "padded_unit_batch", "capacity", "batch_arrays", "window_batch",
-           "window_starts", "Weighting"]
+__all__ = ["HostBatch", "HostSpec", "HostUnit", "LazyPiece", "Piece", "unit_batch",
+           "host_unit_batch", "padded_unit_batch", "host_padded_batch", "host_unit", "capacity",
+           "batch_arrays", "window_batch", "window_starts", "Weighting"]

@@ -205,6 +205,22 @@ def load_unit(store: TrieStore, i: int) -> Unit:
 READ_BLOCK_ROWS = 1 << 20
 
 
+def read_blocks(store: TrieStore, order: Sequence[int],
+                block_rows: int = READ_BLOCK_ROWS) -> list[list[int]]:
+    """The partitions of `order` (in its order) as runs of consecutive partitions that are
+    read from the store together, each of at most `block_rows` rows or one partition."""
+    rows = store.radix_rows()
+    runs: list[list[int]] = []
+    total = 0
+    for i in (p for p in order if p < store.n_partitions):
+        if not runs or i != runs[-1][-1] + 1 or total + int(rows[i]) > block_rows:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += int(rows[i])
+    return runs
+
+
 @dataclass
 class _Block:
     left: int                                  # units of the block not yet taken
@@ -223,17 +239,8 @@ class UnitReader:
 
     def __init__(self, store: TrieStore, order: Sequence[int], block_rows: int = READ_BLOCK_ROWS):
         self.store = store
-        rows = store.radix_rows()
         self._span: dict[int, tuple[int, int]] = {}        # partition -> its block (a, b)
-        runs: list[list[int]] = []
-        total = 0
-        for i in (p for p in order if p < store.n_partitions):
-            if not runs or i != runs[-1][-1] + 1 or total + int(rows[i]) > block_rows:
-                runs.append([])
-                total = 0
-            runs[-1].append(i)
-            total += int(rows[i])
-        for run in runs:
+        for run in read_blocks(store, order, block_rows):
             self._span.update((p, (run[0], run[-1] + 1)) for p in run)
         self._lock = threading.Lock()
         self._blocks: dict[tuple[int, int], _Block] = {}

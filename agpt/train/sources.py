@@ -1,0 +1,325 @@
+"""Where the loader threads of a GPU run get each unit's host batches (agpt.train.batches).
+
+- `ThreadSource`: the loader thread reads the unit and prepares it itself (UnitReader, then
+  batches.host_unit; a unit's chunks are cut on the threads that upload them).
+- `ProcessSource`: worker processes (`HostWorkers`) read blocks of partitions from the store,
+  expand them, compute their loss terms (and their chunks, or their padding) and hand the
+  arrays back in shared memory; the loader threads only upload them.
+
+Why processes: a streamed D=32 epoch of tinyshakespeare takes ~4.9 s of loader time on the
+H100 machine's CPU (Zarr reads 1.3 s, expansion and loss terms 1.0 s, the tile layout 1.2 s,
+uploads 0.7 s) against ~0.9 s of GPU work, and in threads all of it shares the trainer's GIL:
+more loader threads ended the waits but slowed the thread that launches the GPU's work just as
+much. In worker processes the reads and the host kernels run beside it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, TypeVar
+
+import numpy as np
+
+from agpt.errors import AgptError
+from agpt.store.trie import TrieStore, open_trie
+from agpt.train.batches import HostBatch, HostSpec, HostUnit, host_unit
+from agpt.train.objective import HostTargets, Weighting
+from agpt.train.units import (
+    READ_BLOCK_ROWS,
+    UnitReader,
+    load_unit,
+    partition_unit,
+    read_blocks,
+)
+
+T = TypeVar("T")
+
+
+class ThreadSource:
+    """Units read and prepared on the loader thread that asks for them."""
+
+    def __init__(self, store: TrieStore, order: Sequence[int], spec: HostSpec,
+                 block_rows: int = READ_BLOCK_ROWS):
+        self.reader = UnitReader(store, order, block_rows)
+        self.spec = spec
+
+    def host_unit(self, i: int) -> HostUnit:
+        return host_unit(self.reader.unit(i), self.spec)
+
+    def close(self) -> None:
+        pass
+
+
+#: units of blocks submitted and not yet taken, at most (beyond the block asked for): their
+#: arrays wait in shared memory, ~45 bytes a row
+LOOKAHEAD_ROWS = 16 << 20
+#: shared memory a run needs free for worker processes (else the loader threads prepare)
+SHM_NEEDED = 1 << 30
+SHM_DIR = "/dev/shm"
+
+
+def shm_free() -> int:
+    """Bytes free for shared memory (0 where there is no /dev/shm)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def worker_count(requested: int, url: str) -> int:
+    """Worker processes for a GPU run on the store at `url`: `requested`, or with 0 half the
+    cores, at most 6 (none below 4 cores, for an in-memory store another process cannot open,
+    or with less than SHM_NEEDED of shared memory: the loader threads then prepare the units);
+    -1: none."""
+    if requested < 0:
+        return 0
+    if url.startswith("memory://"):
+        if requested:
+            raise AgptError("--host-workers: an in-memory store cannot be read by other "
+                            "processes; use --host-workers -1")
+        return 0
+    if shm_free() < SHM_NEEDED:
+        if requested:
+            raise AgptError(f"--host-workers needs {SHM_NEEDED >> 20} MiB of shared memory; "
+                            f"{SHM_DIR} has {shm_free() >> 20} MiB free (in Docker: "
+                            "--shm-size); use --host-workers -1")
+        return 0
+    if requested:
+        return requested
+    n = min(6, (os.cpu_count() or 1) // 2)
+    return n if n >= 2 else 0
+
+
+class HostWorkers:
+    """A run's worker processes, all started at once (they load while the model and the device
+    are set up). They come from a fork server, never a fork of the trainer: the trainer holds
+    a CUDA context and threads, which a fork must not copy. The server has imported NumPy,
+    Zarr and Numba; each worker opens the store and loads the compiled host kernels on the
+    store's smallest partition (their types are the store's). Workers ignore Ctrl-C: the
+    trainer handles it and stops them."""
+
+    def __init__(self, n: int, url: str | None = None):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, "agpt.train.expand"])
+        self.n = n
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(url,))
+        # each submit starts one more process; a task's result means its worker has loaded
+        self._started = [self.pool.submit(int) for _ in range(n)]
+
+    @property
+    def ready(self) -> bool:
+        """Whether a worker has started (and loaded)."""
+        return any(f.done() for f in self._started)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(url: str | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if url is None:
+        return
+    try:
+        store = _STORES[url] = open_trie(url)
+        if store.n_partitions:
+            host_unit(load_unit(store, int(np.argmin(store.radix_rows()))),
+                      HostSpec(store.vocab_size, Weighting(), 1 << 30, store.max_depth)
+                      ).pieces[0].upload(lambda hb: None)
+    except Exception:  # noqa: BLE001, S110 - the units' tasks report it
+        pass
+
+
+class ProcessSource:
+    """The units of one epoch's `order` prepared by `workers`, a block of consecutive
+    partitions per task (one Zarr read: units.read_blocks), blocks ahead of the unit asked
+    for. Each piece is one shared-memory segment, unlinked once uploaded (or by `close`,
+    which releases whatever was never uploaded).
+
+    Until a worker has started (~1 s: the fork server imports NumPy, Zarr and Numba, then each
+    worker loads the host kernels), the loader threads prepare the units they ask for
+    themselves, a block at a time, as a ThreadSource: the first units of a run waited ~1.2 s
+    for the workers otherwise."""
+
+    def __init__(self, workers: HostWorkers, store: TrieStore, order: Sequence[int],
+                 spec: HostSpec, dtype: Any, block_rows: int = READ_BLOCK_ROWS):
+        self.workers, self.url, self.spec = workers, store.url, spec
+        self.dtype = np.dtype(dtype).str
+        self._n_partitions = store.n_partitions
+        first = {i: k for k, i in enumerate(order)}
+        blocks = read_blocks(store, order, block_rows) + [[i] for i in order if i >= store.n_partitions]
+        self._blocks = sorted(blocks, key=lambda b: first[b[0]])
+        self._block_of = {i: k for k, b in enumerate(self._blocks) for i in b}
+        radix = store.radix_rows()
+        self._rows = {i: int(radix[i]) if i < len(radix) else 0 for i in order}
+        self._rows_out = 0                  # rows of the units submitted and not yet taken
+        self._futures: dict[int, Future] = {}
+        self._next = 0                      # the next block to submit
+        self._local = ThreadSource(store, order, spec, block_rows)
+        self._released: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _submit(self, k: int) -> None:
+        """Submit blocks up to block k, then ahead: at most 2 x workers blocks and
+        LOOKAHEAD_ROWS rows waiting (big units take one worker ~0.3 s: a lead of a few small
+        blocks left the GPU waiting for them)."""
+        while self._next < len(self._blocks) and (
+                self._next <= k or (self._next <= k + 2 * self.workers.n
+                                    and self._rows_out < LOOKAHEAD_ROWS)):
+            b = self._blocks[self._next]
+            self._rows_out += sum(self._rows[i] for i in b)
+            span = (b[0], b[-1] + 1) if b[0] < self._n_partitions else None
+            self._futures[self._next] = self.workers.pool.submit(
+                prepare_block, self.url, b, span, self.spec, self.dtype)
+            self._next += 1
+
+    def host_unit(self, i: int) -> HostUnit:
+        k = self._block_of[i]
+        with self._lock:
+            if self._closed:
+                raise AgptError("the unit source was closed")
+            local = k not in self._futures and (k < self._next or not self.workers.ready)
+            if local:
+                self._next = max(self._next, k + 1)
+            else:
+                self._submit(k)
+                self._rows_out -= self._rows[i]
+                fut = self._futures[k]
+        if local:
+            return self._local.host_unit(i)
+        try:
+            res = fut.result()
+        except BrokenProcessPool as e:
+            raise AgptError("a host worker process died while preparing partitions (out of "
+                            "host memory? a script that trains must guard its code with `if "
+                            "__name__ == '__main__':`, as multiprocessing requires); "
+                            "--host-workers -1 prepares them on the loader threads") from e
+        name, n_rows, padded, pieces = res[i]
+        return HostUnit(name, n_rows, padded,
+                        [ShmPiece(seg, fields, meta, self._unlink) for seg, fields, meta in pieces])
+
+    def _unlink(self, seg: str) -> None:
+        with self._lock:
+            if seg in self._released:
+                return
+            self._released.add(seg)
+        try:
+            SharedMemory(seg).unlink()
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Cancel the blocks not started; release every segment never uploaded."""
+        with self._lock:
+            self._closed = True
+            futures = list(self._futures.values())
+        for f in futures:
+            if f.cancel():
+                continue
+            try:
+                res = f.result()
+            except Exception:  # noqa: BLE001, S112 - the loaders report the error
+                continue
+            for _, _, _, pieces in res.values():
+                for seg, _, _ in pieces:
+                    self._unlink(seg)
+
+
+@dataclass
+class ShmPiece:
+    """A piece whose arrays a worker left in the shared-memory segment `seg`."""
+
+    seg: str
+    fields: list[tuple[str, str, tuple[int, ...], int]]    # name, dtype, shape, offset
+    meta: dict[str, Any]
+    release: Callable[[str], None]
+
+    def upload(self, put: Callable[[HostBatch], T]) -> T:
+        shm = SharedMemory(self.seg)
+        try:
+            return put(_unpack(shm, self.fields, self.meta))
+        finally:
+            try:
+                shm.close()
+            except BufferError:       # a traceback holds views of it: they keep it mapped
+                pass
+            self.release(self.seg)
+
+    def discard(self) -> None:
+        self.release(self.seg)
+
+
+def _unpack(shm: SharedMemory, fields: list, meta: dict[str, Any]) -> HostBatch:
+    a = {name: np.ndarray(shape, np.dtype(dt), buffer=shm.buf, offset=off)
+         for name, dt, shape, off in fields}
+    rows = slice(*meta["rows"]) if meta["rows"] is not None else a["rows"]
+    t = HostTargets(rows, a["row"], a["token"], a["coef"], a["row_coef"], meta["z"])
+    return HostBatch(a["tokens"], a["parent"], a["depth"], t, meta["max_depth"], meta["fixed"])
+
+
+def _pack(hb: HostBatch) -> tuple[str, list, dict[str, Any]]:
+    """hb's arrays in a new shared-memory segment (the parent unlinks it): (name, fields,
+    meta)."""
+    t = hb.targets
+    arrays = {"tokens": hb.tokens, "parent": hb.parent, "depth": hb.depth, "row": t.row,
+              "token": t.token, "coef": t.coef, "row_coef": t.row_coef}
+    if not isinstance(t.rows, slice):
+        arrays["rows"] = t.rows
+    fields, off = [], 0
+    for name, x in arrays.items():
+        x = np.ascontiguousarray(x)
+        fields.append((name, x.dtype.str, x.shape, off))
+        off += -(-x.nbytes // 64) * 64
+    shm = SharedMemory(create=True, size=max(off, 64))
+    try:
+        for (_, _, shape, o), x in zip(fields, arrays.values(), strict=True):
+            np.ndarray(shape, x.dtype, buffer=shm.buf, offset=o)[...] = x
+    except BaseException:
+        shm.close()
+        shm.unlink()
+        raise
+    shm.close()
+    meta = {"rows": (t.rows.start, t.rows.stop) if isinstance(t.rows, slice) else None,
+            "z": t.z, "max_depth": hb.max_depth, "fixed": hb.fixed}
+    return shm.name, fields, meta
+
+
+_STORES: dict[str, TrieStore] = {}
+
+
+def prepare_block(url: str, units: list[int], span: tuple[int, int] | None, spec: HostSpec,
+                  dtype: str) -> dict[int, tuple[str, int, bool, list]]:
+    """(In a worker.) The units of one block: each one's name, rows, whether it is padded and
+    its pieces as shared-memory segments. `span` is the block's partitions (read together);
+    None: one unit read alone (the spine)."""
+    store = _STORES.get(url)
+    if store is None:
+        store = _STORES[url] = open_trie(url)
+    rt = store.radix_partitions(*span) if span is not None else None
+    out: dict[int, tuple[str, int, bool, list]] = {}
+    made: list[str] = []                # segments so far: unlinked if the block fails
+    try:
+        for i in units:
+            unit = (partition_unit(store, i, rt.partition(i - span[0])) if rt is not None
+                    else load_unit(store, i))
+            hu = host_unit(unit, spec)
+            pieces = []
+            for p in hu.pieces:
+                pieces.append(p.upload(lambda hb: _pack(hb.for_device(dtype))))
+                made.append(pieces[-1][0])
+            out[i] = (hu.name, hu.n_rows, hu.padded, pieces)
+    except BaseException:
+        for seg in made:
+            SharedMemory(seg).unlink()
+        raise
+    return out

@@ -1,0 +1,176 @@
+"""Unit sources of GPU runs (agpt.train.sources): host batches prepared in worker processes
+equal those prepared on a loader thread, and no shared memory outlives them."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from stores import make_trie
+
+from agpt.errors import AgptError
+from agpt.store.trie import open_trie
+from agpt.train.batches import HostBatch, HostSpec, capacity
+from agpt.train.objective import Weighting
+from agpt.train.sources import HostWorkers, ProcessSource, ThreadSource
+from agpt.train.units import unit_count
+
+SHM = Path("/dev/shm")
+
+
+def _segments() -> set[str]:
+    """Shared-memory segments (SharedMemory names them psm_*; the pools' semaphores differ)."""
+    return {p.name for p in SHM.glob("psm_*")}
+
+
+def _copy(hb: HostBatch) -> dict[str, object]:
+    """Everything a batch holds, copied out of its (possibly shared) memory."""
+    t = hb.targets
+    rows = (t.rows.start, t.rows.stop) if isinstance(t.rows, slice) else t.rows.copy()
+    return {"tokens": hb.tokens.copy(), "parent": hb.parent.copy(), "depth": hb.depth.copy(),
+            "rows": rows, "row": t.row.copy(), "token": t.token.copy(), "coef": t.coef.copy(),
+            "row_coef": t.row_coef.copy(), "z": t.z, "max_depth": hb.max_depth,
+            "fixed": hb.fixed}
+
+
+def _device_copy(hb: HostBatch) -> dict[str, object]:
+    return _copy(hb.for_device(np.float32))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+@pytest.fixture(scope="module")
+def workers():
+    w = HostWorkers(2)
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize(("max_rows", "pad"), [(1 << 20, False), (40, False), (1 << 20, True)])
+def test_process_source_equals_thread_source(tmp_path: Path, workers: HostWorkers,
+                                             max_rows: int, pad: bool) -> None:
+    rng = np.random.default_rng(max_rows + pad)
+    text = "".join(rng.choice(list("abcdefg \n"), 2500))
+    t = open_trie(make_trie(tmp_path, [text], 7, "unigram"))
+    n = unit_count(t)
+    rows = t.radix_rows()
+    assert n > 6 and len(set(rows)) > 3
+    pad_rows = capacity(int(rows.min()) + 1) if pad else 0       # the smallest units
+    spec = HostSpec(t.vocab_size, Weighting("linear", 1.0), max_rows, t.max_depth, pad_rows)
+    before = _segments()
+    orders = [list(range(n)), [int(i) for i in rng.permutation(n)], [i for i in range(n) if i % 3]]
+    kinds = set()
+    for order in orders:
+        thread, proc = ThreadSource(t, order, spec), ProcessSource(workers, t, order, spec,
+                                                                   np.float32)
+        with ThreadPoolExecutor(3) as ex:                     # loaders ask side by side
+            got = list(ex.map(proc.host_unit, order))
+        for i, hu in zip(order, got, strict=True):
+            want = thread.host_unit(i)
+            assert (hu.name, hu.n_rows, hu.padded) == (want.name, want.n_rows, want.padded)
+            assert len(hu.pieces) == len(want.pieces)
+            kinds.add(hu.padded)
+            for p, q in zip(hu.pieces, want.pieces, strict=True):
+                _assert_same(p.upload(_copy), q.upload(_device_copy))
+        proc.close()
+    assert kinds == ({False, True} if pad else {False})
+    assert max_rows > 1000 or any(len(thread.host_unit(i).pieces) > 1 for i in range(n))
+    assert _segments() <= before                  # every segment was unlinked once uploaded
+
+
+def test_closing_a_source_releases_what_was_never_uploaded(tmp_path: Path,
+                                                           workers: HostWorkers) -> None:
+    t = open_trie(make_trie(tmp_path, ["the cat sat on the mat, the hat sat on the cat\n"] * 9,
+                            6, "bigram"))
+    order = list(range(unit_count(t)))
+    spec = HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth)
+    before = _segments()
+    src = ProcessSource(workers, t, order, spec, np.float32)
+    hu = src.host_unit(order[0])                       # asked for (blocks ahead submitted), kept
+    assert hu.pieces and _segments() - before
+    src.close()
+    assert _segments() <= before
+    with pytest.raises(AgptError, match="closed"):
+        src.host_unit(order[-1])
+
+
+def test_a_worker_error_reaches_the_loader(tmp_path: Path, workers: HostWorkers) -> None:
+    url = make_trie(tmp_path, ["abcabcabd\n" * 20], 5, "bigram")
+    t = open_trie(url)
+    order = list(range(unit_count(t)))
+    spec = HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth)
+    src = ProcessSource(workers, t, order, spec, np.float32)
+    for f in Path(url).rglob("*"):                     # the partitions' rows are gone
+        if f.is_file() and "radix" in f.parts and "zarr.json" not in f.name:
+            os.remove(f)
+    with pytest.raises(AgptError):
+        src.host_unit(order[0])
+    src.close()
+
+
+def test_worker_count_falls_back_to_threads_or_says_why(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    import agpt.train.sources as sources
+    monkeypatch.setattr(sources.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sources, "shm_free", lambda: 8 << 30)
+    assert sources.worker_count(0, str(tmp_path)) == 6
+    assert sources.worker_count(3, str(tmp_path)) == 3
+    assert sources.worker_count(-1, str(tmp_path)) == 0
+    assert sources.worker_count(0, "memory://t") == 0
+    with pytest.raises(AgptError, match="in-memory"):
+        sources.worker_count(2, "memory://t")
+    monkeypatch.setattr(sources.os, "cpu_count", lambda: 2)
+    assert sources.worker_count(0, str(tmp_path)) == 0             # two cores: threads
+    monkeypatch.undo()
+    monkeypatch.setattr(sources, "SHM_DIR", str(tmp_path / "none"))    # no shared memory
+    assert sources.shm_free() == 0
+    assert sources.worker_count(0, str(tmp_path)) == 0
+    with pytest.raises(AgptError, match="shared memory"):
+        sources.worker_count(4, str(tmp_path))
+
+
+class _Late:
+    """Workers that are ready only once asked `after` times (once per block not submitted)."""
+
+    def __init__(self, workers: HostWorkers, after: int):
+        self.pool, self.n, self.after, self.asked = workers.pool, workers.n, after, 0
+
+    @property
+    def ready(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
+
+
+def test_units_asked_before_the_workers_start_are_prepared_on_the_thread(
+        tmp_path: Path, workers: HostWorkers) -> None:
+    rng = np.random.default_rng(3)
+    t = open_trie(make_trie(tmp_path, ["".join(rng.choice(list("abcdef \n"), 800))], 6, "bigram"))
+    order = list(range(unit_count(t)))
+    spec = HostSpec(t.vocab_size, Weighting("log", 0.5), 1 << 20, t.max_depth)
+    thread = ThreadSource(t, order, spec)
+    before = _segments()
+    block_rows = 3 * int(np.median(t.radix_rows()))                  # blocks of a few units
+    proc = ProcessSource(_Late(workers, after=2), t, order, spec, np.float32, block_rows)
+    kinds = []
+    for i in order:
+        hu = proc.host_unit(i)
+        kinds.append(type(hu.pieces[0]).__name__)
+        for p, q in zip(hu.pieces, thread.host_unit(i).pieces, strict=True):
+            # for_device leaves a worker's batch (already converted) as it is
+            _assert_same(p.upload(_device_copy), q.upload(_device_copy))
+    proc.close()
+    # the first units on the thread (whole blocks: a block is read once), the rest by workers
+    assert kinds[0] == "LazyPiece" and kinds[-1] == "ShmPiece"
+    assert kinds == sorted(kinds)
+    assert _segments() <= before
