@@ -174,3 +174,22 @@ def test_units_asked_before_the_workers_start_are_prepared_on_the_thread(
     assert kinds[0] == "LazyPiece" and kinds[-1] == "ShmPiece"
     assert kinds == sorted(kinds)
     assert _segments() <= before
+
+
+def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
+    import signal
+    t = open_trie(make_trie(tmp_path, ["abcabcabd\n" * 20], 5, "bigram"))
+    order = list(range(unit_count(t)))
+    spec = HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth)
+    w = HostWorkers(1)
+    try:
+        w._started[0].result()                          # the worker is up
+        for p in list(w.pool._processes.values()):
+            os.kill(p.pid, signal.SIGKILL)              # as the out-of-memory killer would
+        src = ProcessSource(w, t, order, spec, np.float32)
+        with pytest.raises(AgptError, match="worker process died"):
+            for i in order:
+                src.host_unit(i)
+        src.close()
+    finally:
+        w.close()

@@ -156,7 +156,8 @@ class ProcessSource:
         self.dtype = np.dtype(dtype).str
         self._n_partitions = store.n_partitions
         first = {i: k for k, i in enumerate(order)}
-        blocks = read_blocks(store, order, block_rows) + [[i] for i in order if i >= store.n_partitions]
+        spine = [[i] for i in order if i >= store.n_partitions]      # read alone
+        blocks = read_blocks(store, order, block_rows) + spine
         self._blocks = sorted(blocks, key=lambda b: first[b[0]])
         self._block_of = {i: k for k, b in enumerate(self._blocks) for i in b}
         radix = store.radix_rows()
@@ -185,26 +186,25 @@ class ProcessSource:
 
     def host_unit(self, i: int) -> HostUnit:
         k = self._block_of[i]
-        with self._lock:
-            if self._closed:
-                raise AgptError("the unit source was closed")
-            local = k not in self._futures and (k < self._next or not self.workers.ready)
-            if local:
-                self._next = max(self._next, k + 1)
-            else:
-                self._submit(k)
-                self._rows_out -= self._rows[i]
-                fut = self._futures[k]
-        if local:
-            return self._local.host_unit(i)
         try:
-            res = fut.result()
+            with self._lock:
+                if self._closed:
+                    raise AgptError("the unit source was closed")
+                local = k not in self._futures and (k < self._next or not self.workers.ready)
+                if local:
+                    self._next = max(self._next, k + 1)
+                else:
+                    self._submit(k)
+                    self._rows_out -= self._rows[i]
+                    fut = self._futures[k]
+            if local:
+                return self._local.host_unit(i)
+            name, n_rows, padded, pieces = fut.result()[i]
         except BrokenProcessPool as e:
             raise AgptError("a host worker process died while preparing partitions (out of "
                             "host memory? a script that trains must guard its code with `if "
                             "__name__ == '__main__':`, as multiprocessing requires); "
                             "--host-workers -1 prepares them on the loader threads") from e
-        name, n_rows, padded, pieces = res[i]
         return HostUnit(name, n_rows, padded,
                         [ShmPiece(seg, fields, meta, self._unlink) for seg, fields, meta in pieces])
 
