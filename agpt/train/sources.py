@@ -24,14 +24,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from agpt.errors import AgptError
 from agpt.store.trie import TrieStore, open_trie
-from agpt.train.batches import HostBatch, HostSpec, HostUnit, host_unit
-from agpt.train.objective import HostTargets, Weighting
+from agpt.train.batches import HostBatch, HostSpec, HostUnit, T, host_unit
+from agpt.train.objective import HostTargets, Weighting, targets
 from agpt.train.units import (
     READ_BLOCK_ROWS,
     UnitReader,
@@ -39,8 +39,6 @@ from agpt.train.units import (
     partition_unit,
     read_blocks,
 )
-
-T = TypeVar("T")
 
 
 class ThreadSource:
@@ -125,18 +123,28 @@ class HostWorkers:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def load_host_kernels(store: TrieStore, w: Weighting) -> None:
+    """Expand the store's smallest partition and compute its loss terms: the first call of the
+    compiled host kernels in a process loads them, with the store's types. Errors are left to
+    the units' own reads, which report them."""
+    try:
+        if store.n_partitions:
+            u = load_unit(store, int(np.argmin(store.radix_rows())))
+            targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
+                    dense=True)
+    except Exception:  # noqa: BLE001, S110 - reported by the units' reads
+        pass
+
+
 def _init_worker(url: str | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if url is None:
         return
     try:
         store = _STORES[url] = open_trie(url)
-        if store.n_partitions:
-            host_unit(load_unit(store, int(np.argmin(store.radix_rows()))),
-                      HostSpec(store.vocab_size, Weighting(), 1 << 30, store.max_depth)
-                      ).pieces[0].upload(lambda hb: None)
-    except Exception:  # noqa: BLE001, S110 - the units' tasks report it
-        pass
+    except Exception:  # noqa: BLE001 - the units' tasks report it
+        return
+    load_host_kernels(store, Weighting())
 
 
 class ProcessSource:

@@ -32,12 +32,18 @@ from agpt.errors import AgptError
 from agpt.model.config import ModelConfig
 from agpt.model.gpt import Batch, loss_and_grad
 from agpt.store.trie import TrieStore
-from agpt.train.batches import HostBatch, HostSpec, Piece, batch_arrays, to_device, unit_batch
+from agpt.train.batches import HostBatch, HostSpec, Piece, batch_arrays, to_device
 from agpt.train.graphs import UnitGraphs
-from agpt.train.objective import HostTargets, Weighting, targets
+from agpt.train.objective import HostTargets, Weighting
 from agpt.train.session import Session
-from agpt.train.sources import HostWorkers, ProcessSource, ThreadSource, worker_count
-from agpt.train.units import Unit, chunks, load_unit, unit_count
+from agpt.train.sources import (
+    HostWorkers,
+    ProcessSource,
+    ThreadSource,
+    load_host_kernels,
+    worker_count,
+)
+from agpt.train.units import unit_count
 
 
 @dataclass(frozen=True)
@@ -90,21 +96,21 @@ def rows_for_budget(be, cfg: ModelConfig, depth: int, budget: int,
 
 @dataclass
 class Staged:
-    """A unit ready to compute: its chunks as device batches (built on loader threads when the
-    backend stages in the background, else lazily from the host unit). A unit of several
-    chunks may still be uploading them (`pending`): the trainer starts on the first. A
-    `padded` unit is one batch of a capacity class (batches.host_padded_batch), replayed on
-    its class's CUDA graph."""
+    """A unit ready to compute: its chunks as device batches (uploaded on loader threads when
+    the backend stages in the background; on the CPU built from `pieces` as they are used).
+    A unit of several chunks may still be uploading them (`pending`): the trainer starts on
+    the first. A `padded` unit is one batch of a capacity class (batches.host_padded_batch),
+    replayed on its class's CUDA graph."""
 
     name: str
     n_rows: int
-    unit: Unit | None
-    batches: list[tuple[Batch, float]] | None
+    batches: list[tuple[Batch, float]] | None = None
     nbytes: int = 0
     pending: list[Future] | None = None
+    pieces: list[Piece] | None = None
     padded: bool = False
 
-    def each(self, be, max_rows: int, vocab_size: int, w: Weighting) -> Iterator[tuple[Batch, float]]:
+    def each(self, be) -> Iterator[tuple[Batch, float]]:
         if self.pending is not None:
             done = []
             for f in self.pending:
@@ -116,25 +122,18 @@ class Staged:
         if self.batches is not None:
             yield from self.batches
             return
-        assert self.unit is not None
-        for c in chunks(self.unit, max_rows):
-            yield unit_batch(be, c, vocab_size, w)
+        assert self.pieces is not None
+        for p in self.pieces:
+            yield p.upload(lambda hb: hb.upload(be))
 
 
 def warm_up_host_kernels(store: TrieStore, w: Weighting) -> threading.Thread:
-    """Expand the smallest partition (and its loss terms) on a background thread: the first
-    call of the compiled kernels in a process loads them (~1 s: numba sets up and imports
-    SciPy), which the first unit waited for; started before the model and the device are set
-    up, it runs beside them. Errors are left to the loaders, which report them."""
-    def run() -> None:
-        try:
-            if store.n_partitions:
-                u = load_unit(store, int(np.argmin(store.radix_rows())))
-                targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
-                        dense=True)
-        except Exception:      # the loaders read the same data and report it
-            pass
-    t = threading.Thread(target=run, name="agpt-warm", daemon=True)
+    """sources.load_host_kernels on a background thread: the first call of the compiled
+    kernels in a process loads them (~1 s: numba sets up and imports SciPy), which the first
+    unit waited for; started before the model and the device are set up, it runs beside
+    them."""
+    t = threading.Thread(target=load_host_kernels, args=(store, w), name="agpt-warm",
+                         daemon=True)
     t.start()
     return t
 
@@ -172,10 +171,9 @@ def stage(be, source: ThreadSource | ProcessSource, i: int,
     uploaded there side by side (the 4M-row unit of tinyshakespeare D=32 took ~0.6 s to stage
     on one thread, against ~0.1 s of GPU work). A padded unit (batches.host_unit) is replayed
     on its class's CUDA graph."""
-    if not getattr(be, "stage_in_background", False):
-        unit = source.reader.unit(i)
-        return Staged(unit.name, unit.n_rows, unit, None)
     hu = source.host_unit(i)
+    if not getattr(be, "stage_in_background", False):
+        return Staged(hu.name, hu.n_rows, pieces=hu.pieces)
 
     def put(hb: HostBatch) -> tuple[Batch, float]:
         try:
@@ -192,10 +190,10 @@ def stage(be, source: ThreadSource | ProcessSource, i: int,
         return piece.upload(put)
 
     if len(hu.pieces) > 1 and chunk_pool is not None:
-        return Staged(hu.name, hu.n_rows, None, None,
+        return Staged(hu.name, hu.n_rows,
                       pending=[chunk_pool.submit(upload, p) for p in hu.pieces])
     batches = [upload(p) for p in hu.pieces]
-    return Staged(hu.name, hu.n_rows, None, batches, sum(_nbytes(b) for b, _ in batches),
+    return Staged(hu.name, hu.n_rows, batches, sum(_nbytes(b) for b, _ in batches),
                   padded=hu.padded)
 
 
@@ -394,7 +392,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
             return graphs.own(i, batch), zc
         loss_sum: Any = 0.0
         z = 0.0
-        for batch, zc in unit.each(be, max_rows, store.vocab_size, w):
+        for batch, zc in unit.each(be):
             loss_sum = loss_sum + loss_and_grad(cfg, be, s.params, batch, s.grad, truncated)
             z += zc
         return loss_sum, z
