@@ -10,36 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import poison
+from forests import random_forest, shaped_forest
 
 from agpt.backend import NumpyBackend
+from agpt.gpu.tiles import host_tiles
 from agpt.model.layout import WindowLayout, tree_layout
 
 cp = pytest.importorskip("cupy")
 pytestmark = pytest.mark.gpu
 
-from agpt.gpu.kernels import tree_tiles  # noqa: E402 - needs CuPy
 
 REF = NumpyBackend("float64")
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
-
-
-def random_forest(rng: np.random.Generator, n: int, dm: int, wide: bool = False):
-    """(parent, depth) of n rows in depth-first preorder, depth <= dm. `wide`: one root whose
-    subtree holds every row, so its K/V gradient sums contributions from thousands of warps."""
-    depth = np.empty(n, np.int64)
-    parent = np.empty(n, np.int64)
-    stack: list[int] = []
-    for i in range(n):
-        top = len(stack) + 1
-        lo = 2 if wide and i else 1
-        d = int(rng.integers(lo, min(top, dm) + 1)) if i else 1
-        if rng.random() < 0.6 and top <= dm:
-            d = max(d, min(top, dm))          # favour long chains, as in a radix trie
-        del stack[d - 1:]
-        parent[i] = stack[-1] if stack else -1
-        depth[i] = d
-        stack.append(i)
-    return parent, depth
 
 
 def close(got, ref, dtype) -> None:
@@ -47,25 +29,6 @@ def close(got, ref, dtype) -> None:
     scale = max(1e-30, float(np.abs(ref).max()))
     assert np.isfinite(got).all()
     assert float(np.abs(got - ref).max()) <= TOL[dtype] * scale
-
-
-def shaped_forest(kind: str, n: int, dm: int):
-    """(parent, depth) of regular forests that stress the tiled kernels: `chains` (a new
-    root every dm rows, each the top of a chain dm deep), `broom` (one root shared by every
-    row, under it chains of depth 2..dm), `star` (one root, every other row its child),
-    `flat` (n roots)."""
-    i = np.arange(n)
-    if kind == "chains":
-        depth = i % dm + 1
-    elif kind == "broom":
-        depth = np.where(i == 0, 1, (i - 1) % (dm - 1) + 2)
-    elif kind == "star":
-        depth = np.where(i == 0, 1, 2)
-    else:
-        depth = np.ones(n, np.int64)
-    parent = np.where(depth == 1, -1, np.where((kind == "broom") & (depth == 2) | (kind == "star"),
-                                                0, i - 1))
-    return parent, depth
 
 
 # (kind, rows, max depth, tile rows: None = the layout's default); tiles of 32/64 put many
@@ -95,9 +58,8 @@ def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
     back_ref = REF.tree_attention_backward(*(a.astype(np.float64) for a in (do, q, k, v)), p_ref,
                                            tree, truncated)
     be = type(gpu)(np.dtype(dtype).name)
-    t = be.tree_layout(parent, depth)
-    if tile:
-        t.tiles = tree_tiles(t.parent, t.depth, t.max_depth, tile)
+    dm = max(int(depth.max()), 1)
+    t = be.tree_layout(parent, depth, tiles=host_tiles(parent, depth, dm, tile) if tile else None)
     dq_, dk_, dv_ = (cp.asarray(a) for a in (q, k, v))
     poison()
     o, att = be.tree_attention(dq_, dk_, dv_, t)
@@ -106,15 +68,6 @@ def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
     for got, ref in zip(be.tree_attention_backward(cp.asarray(do), dq_, dk_, dv_, att, t, truncated),
                         back_ref, strict=True):
         close(got, ref, dtype)
-
-
-def test_check_preorder_rejects_non_preorder(gpu) -> None:
-    parent, depth = random_forest(np.random.default_rng(5), 500, 8)
-    gpu.tree_layout(parent, depth)
-    # rows A(1) B(1) C(2, child of A): A's subtree is not contiguous
-    for par, dep in [([-1, -1, 0], [1, 1, 2]), ([-1, 0, 0], [1, 2, 3]), ([0], [1]), ([-1, 1], [1, 2])]:
-        with pytest.raises(ValueError, match="preorder"):
-            gpu.tree_layout(np.array(par), np.array(dep))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

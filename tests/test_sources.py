@@ -27,13 +27,16 @@ def _segments() -> set[str]:
 
 
 def _copy(hb: HostBatch) -> dict[str, object]:
-    """Everything a batch holds, copied out of its (possibly shared) memory."""
+    """Everything a batch holds (its tiles too), copied out of its (possibly shared) memory."""
     t = hb.targets
     rows = (t.rows.start, t.rows.stop) if isinstance(t.rows, slice) else t.rows.copy()
+    tl = hb.tiles
     return {"tokens": hb.tokens.copy(), "parent": hb.parent.copy(), "depth": hb.depth.copy(),
             "rows": rows, "row": t.row.copy(), "token": t.token.copy(), "coef": t.coef.copy(),
             "row_coef": t.row_coef.copy(), "z": t.z, "max_depth": hb.max_depth,
-            "fixed": hb.fixed}
+            "fixed": hb.fixed, "tiles": None if tl is None else (tl.tile, tl.max_depth),
+            **({} if tl is None else {"anc": tl.anc.copy(), "bidx": tl.bidx.copy(),
+                                      "brow": tl.brow.copy()})}
 
 
 def _device_copy(hb: HostBatch) -> dict[str, object]:

@@ -30,6 +30,10 @@ class NumpyBackend:
     def asarray(self, a: Any, dtype: Any = None) -> np.ndarray:
         return np.asarray(a, dtype=dtype)
 
+    def asarrays(self, arrays: list[np.ndarray]) -> list[Any]:
+        """Host arrays on the device, dtypes kept (the GPU uploads them together)."""
+        return [self.asarray(a) for a in arrays]
+
     def to_host(self, a: Any) -> np.ndarray:
         return np.asarray(a)
 
@@ -47,10 +51,11 @@ class NumpyBackend:
         return layout
 
     def tree_layout(self, parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None,
-                    fixed: bool = False) -> Any:
+                    fixed: bool = False, tiles: Any = None) -> Any:
         """The layout of a trie unit's rows (validated depth-first preorder), for contexts up to
         `max_depth` (default: the deepest row's). `fixed`: its arrays' shapes depend on the
-        number of rows and max_depth alone (padded on the GPU; see CupyBackend)."""
+        number of rows and max_depth alone (padded on the GPU; see CupyBackend). `tiles`: the
+        GPU kernels' tile layout, if the caller made it already (unused here)."""
         return tree_layout(parent, depth, max_depth)
 
     def staged(self) -> AbstractContextManager:

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - CI has no CuPy
     cp = None
 
 from agpt.backend.reference import NumpyBackend
+from agpt.gpu.tiles import TileLayout, host_tiles
 from agpt.model.layout import ParentTree
 
 #: TF32 rounds matmul inputs to 10 mantissa bits (relative 2^-11 per product); measured bound on
@@ -74,12 +75,28 @@ class CupyBackend(NumpyBackend):
     def asarray(self, a: Any, dtype: Any = None):
         if getattr(self._local, "pins", None) is None or not isinstance(a, np.ndarray):
             return cp.asarray(a, dtype=dtype)
-        host = np.ascontiguousarray(a, dtype=dtype)
-        dst = self._pinned(host.nbytes).view(host.dtype).reshape(host.shape)
-        dst[...] = host
-        out = cp.empty(host.shape, host.dtype)
-        out.set(dst, stream=cp.cuda.get_current_stream())
-        return out
+        return self.asarrays([np.asarray(a, dtype=dtype)])[0]
+
+    def asarrays(self, arrays: list[np.ndarray]) -> list[Any]:
+        """Host arrays on the device, dtypes kept. Inside staged(): one copy into the pinned
+        arena and one upload for all of them (views of one device allocation, 256-byte
+        aligned), not an allocation and a copy per array."""
+        if getattr(self._local, "pins", None) is None:
+            return [cp.asarray(a) for a in arrays]
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.nbytes // 256) * 256
+        if not total:
+            return [cp.empty(a.shape, a.dtype) for a in arrays]
+        pinned = self._pinned(total)
+        for a, o in zip(arrays, offsets, strict=True):
+            pinned[o:o + a.nbytes].view(a.dtype).reshape(a.shape)[...] = a
+        dev = cp.empty(total, cp.uint8)
+        dev.set(pinned, stream=cp.cuda.get_current_stream())
+        return [cp.ndarray(a.shape, a.dtype, memptr=dev.data + o)
+                for a, o in zip(arrays, offsets, strict=True)]
 
     def _pinned(self, nbytes: int) -> np.ndarray:
         """nbytes of this thread's pinned staging arena (a uint8 view), valid until staged()
@@ -141,15 +158,17 @@ class CupyBackend(NumpyBackend):
         return host.reshape(a.shape), self.record()
 
     def tree_layout(self, parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None,
-                    fixed: bool = False) -> ParentTree:
-        t = ParentTree(self.asarray(parent, np.int32), self.asarray(depth, np.int32),
-                       max(int(depth.max()) if len(depth) else 1, max_depth or 1))
-        bad = self.k.check_preorder(t.parent, t.depth)
-        tiles = self.k.tree_tiles(t.parent, t.depth, t.max_depth, fixed=fixed)
-        if int(bad[0]):           # read after the tiles' own wait: one round trip, not two
-            raise ValueError("rows are not a forest in depth-first preorder")
-        t.tiles = tiles
-        return t
+                    fixed: bool = False, tiles: TileLayout | None = None) -> ParentTree:
+        """Rows and their attention tiles on the device. The tiles are laid out on the host
+        (agpt/gpu/tiles.py, which also checks the preorder), unless `tiles` brings them
+        already (a worker process made them from the same rows)."""
+        if tiles is None:
+            dm = max(int(depth.max()) if len(depth) else 1, max_depth or 1)
+            tiles = host_tiles(parent, depth, dm, fixed=fixed)
+        p, d, anc, bidx, brow = self.asarrays([np.asarray(parent, np.int32),
+                                               np.asarray(depth, np.int32), *tiles.arrays()])
+        return ParentTree(p, d, tiles.max_depth, TileLayout(tiles.tile, anc, bidx, brow,
+                                                            tiles.max_depth))
 
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()

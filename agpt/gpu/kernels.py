@@ -13,7 +13,6 @@
 | `linear_relu`, `relu_linear_backward`, `add_linear`, `qkv_projection` (thin_gemm) | `NumpyBackend.linear_relu`, `.relu_linear_backward`, `.add_linear`, `.qkv_projection` |
 | `xent_counts`             | `NumpyBackend.xent_counts`                   |
 | `optimizer_update`        | `agpt.train.optim.Optimizer.update` (generic) |
-| `check_preorder`          | `agpt.model.layout.tree_layout` (validation) |
 
 Scoped attention never gathers ancestors. It works on tiles of consecutive rows in depth-first
 preorder, one block per (tile, head): the union of the contexts of rows [a, a + T) is those
@@ -26,17 +25,19 @@ are that ancestor and the deeper rows after it, so one thread per (level, dk or 
 sweeps the tile rows with a running sum in registers, reading each row as a broadcast, and
 stores each sum once. Only ancestors of a later tile's first row (under D per tile) get
 contributions from several tiles; those are summed over tiles in float64 (atomics), so their
-order changes nothing at fp32 precision.
+order changes nothing at fp32 precision. The tiles (each one's first-row ancestors, the
+boundary rows) are laid out on the host where a unit is prepared: agpt/gpu/tiles.py.
 Kernels are compiled per (H, E, D, element type) on first use (float32 or float64).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import cupy as cp
+
+from agpt.gpu.tiles import TileLayout
 
 _ATTENTION = r"""
 #define FULL 0xffffffffu
@@ -440,34 +441,10 @@ extern "C" __global__ void tree_attn_side(
     const long long x = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= total) return;
     const long long b = x / (H * E), c = x % (H * E);
-    if (brow[b] < 0) return;                 // padding (tree_tiles with a fixed capacity)
+    if (brow[b] < 0) return;                 // padding (host_tiles with a fixed capacity)
     const long long off = (long long)brow[b] * (H * E) + c;
     dk[off] = (T)dkb[x];
     dv[off] = (T)dvb[x];
-}
-
-// Per tile of TILE rows: tile_anc[tile, j] = the first row's ancestor at depth j + 1 (-1 from
-// its own depth on); mark[r] = 1 for each such ancestor (rows whose K/V gradient is summed
-// over several tiles).
-extern "C" __global__ void tree_tiles(
-    const int* __restrict__ parent, const int* __restrict__ depth, const int n, const int dm,
-    int* __restrict__ tile_anc, int* __restrict__ mark)
-{
-    const long long tile = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long a = tile * TILE;
-    if (a >= n) return;
-    // clamped and bounds-checked: rows not in preorder are reported by check_preorder, which
-    // tree_layout reads after this kernel
-    const int d = min(max(depth[a], 1), dm);
-    int* out = tile_anc + tile * dm;
-    for (int j = d - 1; j < dm; ++j) out[j] = -1;
-    int r = (int)a;
-    for (int j = d - 2; j >= 0; --j) {
-        r = parent[r];
-        if (r < 0 || r >= n) break;
-        out[j] = r;
-        mark[r] = 1;
-    }
 }
 """
 
@@ -626,35 +603,6 @@ extern "C" __global__ void xent_targets(
 """
 
 
-_PREORDER = r"""
-// bad[0] = 1 if the rows are not a forest in depth-first preorder: a depth-1 row has parent
-// -1; otherwise parent[i] < i has depth[i] - 1, and it is i - 1 or the parent of i - 1's
-// ancestor at depth[i] (i's previous sibling), which is what "subtrees are contiguous" means.
-extern "C" __global__ void check_preorder(
-    const int* __restrict__ parent, const int* __restrict__ depth, const int n,
-    int* __restrict__ bad)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const int d = depth[i], p = parent[i];
-    bool okk;
-    if (d < 1) okk = false;
-    else if (d == 1) okk = p == -1;
-    else if (p < 0 || p >= i || depth[p] != d - 1) okk = false;
-    else if (p == i - 1) okk = true;
-    else {
-        int s = i - 1;                       // walk up to i's previous sibling
-        while (s >= 0 && depth[s] > d) {
-            const int ps = parent[s];
-            s = (ps < s) ? ps : -1;          // a bad parent of s is reported by s's thread
-        }
-        okk = s >= 0 && depth[s] == d && parent[s] == p;
-    }
-    if (!okk) atomicOr(bad, 1);
-}
-"""
-
-
 @functools.cache
 def _module(source: str, **defines: Any) -> cp.RawModule:
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
@@ -685,55 +633,6 @@ def _attention_fn(dtype: Any, h: int, e: int, tile: int, name: str) -> Any:
 
 def _blocks(threads: int, per_block: int) -> int:
     return max(1, (threads + per_block - 1) // per_block)
-
-
-@dataclass
-class TileLayout:
-    """Rows cut into tiles of `tile` consecutive rows, one attention block per (tile, head)."""
-
-    tile: int
-    anc: Any        # (n_tiles, max_depth) int32: ancestors of each tile's first row, -1 padded
-    bidx: Any       # (N,) int32: index of a boundary row (K/V gradient over tiles), else -1
-    brow: Any       # (B,) int32: the boundary rows (strict ancestors of tile-first rows), -1 pad
-    max_depth: int
-
-    def arrays(self) -> list[Any]:
-        return [self.anc, self.bidx, self.brow]
-
-
-def default_tile(max_depth: int) -> int:
-    """Tile rows: 128 (measured best at depth 32) while shared memory allows."""
-    if max_depth > 256:
-        raise ValueError(f"the tiled attention kernels take contexts up to 256, not {max_depth}")
-    return 128 if max_depth <= 64 else 64
-
-
-def boundary_capacity(n: int, max_depth: int, tile: int | None = None) -> int:
-    """The most boundary rows n rows can have: each tile-first row has < max_depth ancestors."""
-    tile = tile or default_tile(max_depth)
-    return min(n, (n + tile - 1) // tile * (max_depth - 1))
-
-
-def tree_tiles(parent: Any, depth: Any, max_depth: int, tile: int | None = None,
-               fixed: bool = False) -> TileLayout:
-    """The tile layout of rows in depth-first preorder (once per unit: it syncs for B).
-    With `fixed`, the boundary rows are padded with -1 to `boundary_capacity`, so every array's
-    shape depends on (rows, max_depth) alone: what a CUDA graph replayed over units needs."""
-    tile = tile or default_tile(max_depth)
-    n = len(depth)
-    n_tiles = (n + tile - 1) // tile
-    anc = cp.empty((n_tiles, max_depth), dtype=cp.int32)
-    mark = cp.zeros((n,), dtype=cp.int32)
-    if n:
-        fn = _module(_ATTENTION, H=1, E=4, T="float", TILE=tile, VEC=1).get_function("tree_tiles")
-        fn((_blocks(n_tiles, 128),), (128,), (parent, depth, cp.int32(n), cp.int32(max_depth), anc, mark))
-    brow = cp.flatnonzero(mark).astype(cp.int32)
-    bidx = cp.full((n,), -1, dtype=cp.int32)
-    bidx[brow] = cp.arange(len(brow), dtype=cp.int32)
-    if fixed:
-        brow = cp.concatenate([brow, cp.full(boundary_capacity(n, max_depth, tile) - len(brow), -1,
-                                             dtype=cp.int32)])
-    return TileLayout(tile, anc, bidx, brow, max_depth)
 
 
 def _launch(fn: Any, smem: int, grid: int, block: int, args: tuple) -> None:
@@ -1472,16 +1371,6 @@ def xent_counts(logits: Any, row: Any, token: Any, coef: Any, row_coef: Any):
                                          (logits, row, token, coef, cp.int64(k), cp.int32(v),
                                           d, tt))
     return lt.sum() - tt.sum(), d
-
-
-def check_preorder(parent: Any, depth: Any) -> Any:
-    """A device flag, nonzero if (parent, depth) are not a forest in depth-first preorder."""
-    n = len(depth)
-    bad = cp.zeros((1,), dtype=cp.int32)
-    if n:
-        fn = _module(_PREORDER).get_function("check_preorder")
-        fn((_blocks(n, 256),), (256,), (parent, depth, cp.int32(n), bad))
-    return bad
 
 
 @functools.cache

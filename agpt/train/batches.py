@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from agpt.gpu.tiles import TileLayout, host_tiles
 from agpt.model.gpt import Batch, Targets
 from agpt.model.layout import WindowLayout
 from agpt.train.objective import HostTargets, Weighting, targets
@@ -17,21 +18,19 @@ from agpt.train.units import Unit, chunk, chunk_spans
 T = TypeVar("T")
 
 
-def _rows(be, rows: np.ndarray | slice) -> Any:
-    """The loss rows as a slice when they are one contiguous range: the model then takes
-    views instead of gathers."""
-    if isinstance(rows, slice):
-        return rows
-    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-    return be.asarray(rows)
-
-
 def to_device(be, tokens: np.ndarray, layout, t: HostTargets) -> Batch:
+    """A batch on the device: its arrays go up together (be.asarrays). Loss rows that are one
+    contiguous range stay a slice, so the model takes views instead of gathers."""
+    rows = t.rows
+    if not isinstance(rows, slice) and len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+        rows = slice(int(rows[0]), int(rows[-1]) + 1)
     dt = be.dtype
-    return Batch(be.asarray(np.asarray(tokens, np.int64)), be.prepare(layout),
-                 Targets(_rows(be, t.rows), be.asarray(t.row), be.asarray(t.token),
-                         be.asarray(t.coef, dt), be.asarray(t.row_coef, dt)))
+    host = [np.asarray(tokens, np.int64), np.asarray(t.row), np.asarray(t.token),
+            np.asarray(t.coef, dt), np.asarray(t.row_coef, dt)]
+    dev = be.asarrays(host if isinstance(rows, slice) else [*host, np.asarray(rows)])
+    tok, row, token, coef, row_coef = dev[:5]
+    return Batch(tok, be.prepare(layout),
+                 Targets(rows if isinstance(rows, slice) else dev[5], row, token, coef, row_coef))
 
 
 @dataclass
@@ -45,21 +44,25 @@ class HostBatch:
     targets: HostTargets
     max_depth: int | None = None
     fixed: bool = False
+    tiles: TileLayout | None = None   # the GPU attention tiles, if laid out already
 
     def upload(self, be) -> tuple[Batch, float]:
-        """The device batch (its tree layout built on the device) and its share of z."""
-        layout = be.tree_layout(self.parent, self.depth, self.max_depth, self.fixed)
+        """The device batch and its share of z."""
+        layout = be.tree_layout(self.parent, self.depth, self.max_depth, self.fixed, self.tiles)
         return to_device(be, self.tokens, layout, self.targets), self.targets.z
 
     def for_device(self, dtype: Any) -> HostBatch:
-        """The same batch in the dtypes the GPU backend uploads (int32 parents, `dtype`
-        coefficients): converted where it is built (a worker process), not on upload."""
+        """The same batch as the GPU backend uploads it (int32 parents, `dtype` coefficients,
+        its attention tiles laid out): prepared where it is built (a worker process), so the
+        upload is only copies."""
         t = self.targets
-        return HostBatch(np.asarray(self.tokens, np.int64), self.parent.astype(np.int32),
-                         self.depth.astype(np.int32),
+        parent, depth = self.parent.astype(np.int32), self.depth.astype(np.int32)
+        dm = max(int(depth.max()) if len(depth) else 1, self.max_depth or 1)
+        return HostBatch(np.asarray(self.tokens, np.int64), parent, depth,
                          HostTargets(t.rows, t.row, t.token, t.coef.astype(dtype),
                                      t.row_coef.astype(dtype), t.z),
-                         self.max_depth, self.fixed)
+                         self.max_depth, self.fixed, host_tiles(parent, depth, dm,
+                                                                fixed=self.fixed))
 
 
 def host_unit_batch(unit: Unit, vocab_size: int, w: Weighting) -> HostBatch:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from agpt.errors import AgptError
+from agpt.gpu.tiles import TileLayout, host_tiles
 from agpt.store.trie import TrieStore, open_trie
 from agpt.train.batches import HostBatch, HostSpec, HostUnit, T, host_unit
 from agpt.train.objective import HostTargets, Weighting, targets
@@ -124,14 +125,15 @@ class HostWorkers:
 
 
 def load_host_kernels(store: TrieStore, w: Weighting) -> None:
-    """Expand the store's smallest partition and compute its loss terms: the first call of the
-    compiled host kernels in a process loads them, with the store's types. Errors are left to
-    the units' own reads, which report them."""
+    """Expand the store's smallest partition, compute its loss terms and lay out its tiles:
+    the first call of the compiled host kernels in a process loads them, with the store's
+    types. Errors are left to the units' own reads, which report them."""
     try:
         if store.n_partitions:
             u = load_unit(store, int(np.argmin(store.radix_rows())))
             targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
                     dense=True)
+            host_tiles(u.parent, u.depth, max(int(u.depth.max(initial=1)), 1))
     except Exception:  # noqa: BLE001, S110 - reported by the units' reads
         pass
 
@@ -272,7 +274,10 @@ def _unpack(shm: SharedMemory, fields: list, meta: dict[str, Any]) -> HostBatch:
          for name, dt, shape, off in fields}
     rows = slice(*meta["rows"]) if meta["rows"] is not None else a["rows"]
     t = HostTargets(rows, a["row"], a["token"], a["coef"], a["row_coef"], meta["z"])
-    return HostBatch(a["tokens"], a["parent"], a["depth"], t, meta["max_depth"], meta["fixed"])
+    tiles = (TileLayout(meta["tile"], a["anc"], a["bidx"], a["brow"], meta["tile_depth"])
+             if "anc" in a else None)
+    return HostBatch(a["tokens"], a["parent"], a["depth"], t, meta["max_depth"], meta["fixed"],
+                     tiles)
 
 
 def _pack(hb: HostBatch) -> tuple[str, list, dict[str, Any]]:
@@ -283,6 +288,8 @@ def _pack(hb: HostBatch) -> tuple[str, list, dict[str, Any]]:
               "token": t.token, "coef": t.coef, "row_coef": t.row_coef}
     if not isinstance(t.rows, slice):
         arrays["rows"] = t.rows
+    if hb.tiles is not None:
+        arrays.update(anc=hb.tiles.anc, bidx=hb.tiles.bidx, brow=hb.tiles.brow)
     fields, off = [], 0
     for name, x in arrays.items():
         x = np.ascontiguousarray(x)
@@ -299,6 +306,8 @@ def _pack(hb: HostBatch) -> tuple[str, list, dict[str, Any]]:
     shm.close()
     meta = {"rows": (t.rows.start, t.rows.stop) if isinstance(t.rows, slice) else None,
             "z": t.z, "max_depth": hb.max_depth, "fixed": hb.fixed}
+    if hb.tiles is not None:
+        meta.update(tile=hb.tiles.tile, tile_depth=hb.tiles.max_depth)
     return shm.name, fields, meta
 
 
