@@ -3,14 +3,15 @@
 - `ThreadSource`: the loader thread reads the unit and prepares it itself (UnitReader, then
   batches.host_unit; a unit's chunks are cut on the threads that upload them).
 - `ProcessSource`: worker processes (`HostWorkers`) read blocks of partitions from the store,
-  expand them, compute their loss terms (and their chunks, or their padding) and hand the
-  arrays back in shared memory; the loader threads only upload them.
+  expand them, compute their loss terms (and their chunks, or their padding), lay out their
+  attention tiles (agpt.gpu.tiles) and hand the arrays back in shared memory; the loader
+  threads only upload them (two copies per piece).
 
-Why processes: a streamed D=32 epoch of tinyshakespeare takes ~4.9 s of loader time on the
-H100 machine's CPU (Zarr reads 1.3 s, expansion and loss terms 1.0 s, the tile layout 1.2 s,
-uploads 0.7 s) against ~0.9 s of GPU work, and in threads all of it shares the trainer's GIL:
-more loader threads ended the waits but slowed the thread that launches the GPU's work just as
-much. In worker processes the reads and the host kernels run beside it.
+Why processes: a streamed D=32 epoch of tinyshakespeare took ~4.9 s of loader time on the
+H100 machine's CPU (Zarr reads 1.3 s, expansion and loss terms 1.0 s, the tile layout, then on
+the GPU, 1.2 s, uploads 0.7 s) against ~0.9 s of GPU work, and in threads all of it shares the
+trainer's GIL: more loader threads ended the waits but slowed the thread that launches the
+GPU's work just as much. In worker processes the reads and the host kernels run beside it.
 """
 
 from __future__ import annotations
