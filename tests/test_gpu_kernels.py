@@ -58,8 +58,7 @@ def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
     back_ref = REF.tree_attention_backward(*(a.astype(np.float64) for a in (do, q, k, v)), p_ref,
                                            tree, truncated)
     be = type(gpu)(np.dtype(dtype).name)
-    dm = max(int(depth.max()), 1)
-    t = be.tree_layout(parent, depth, tiles=host_tiles(parent, depth, dm, tile) if tile else None)
+    t = be.tree_layout(parent, depth, tiles=host_tiles(parent, depth, tile=tile) if tile else None)
     dq_, dk_, dv_ = (cp.asarray(a) for a in (q, k, v))
     poison()
     o, att = be.tree_attention(dq_, dk_, dv_, t)

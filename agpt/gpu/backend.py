@@ -163,8 +163,7 @@ class CupyBackend(NumpyBackend):
         (agpt/gpu/tiles.py, which also checks the preorder), unless `tiles` brings them
         already (a worker process made them from the same rows)."""
         if tiles is None:
-            dm = max(int(depth.max()) if len(depth) else 1, max_depth or 1)
-            tiles = host_tiles(parent, depth, dm, fixed=fixed)
+            tiles = host_tiles(parent, depth, max_depth, fixed=fixed)
         p, d, anc, bidx, brow = self.asarrays([np.asarray(parent, np.int32),
                                                np.asarray(depth, np.int32), *tiles.arrays()])
         return ParentTree(p, d, tiles.max_depth, TileLayout(tiles.tile, anc, bidx, brow,

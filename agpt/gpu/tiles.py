@@ -89,14 +89,15 @@ def _tile_pass(parent, depth, dm, tile, anc, bidx, brow):     # pragma: no cover
     return -1, nb
 
 
-def host_tiles(parent: np.ndarray, depth: np.ndarray, max_depth: int, tile: int | None = None,
-               fixed: bool = False) -> TileLayout:
+def host_tiles(parent: np.ndarray, depth: np.ndarray, max_depth: int | None = None,
+               tile: int | None = None, fixed: bool = False) -> TileLayout:
     """The tile layout of rows in depth-first preorder (parent -1 at depth 1), for contexts up
-    to `max_depth`; ValueError if the rows are not such a forest. With `fixed`, the boundary
-    rows are padded with -1 to `boundary_capacity`, so every array's shape depends on (rows,
-    max_depth) alone: what a CUDA graph replayed over units needs."""
-    tile = tile or default_tile(max_depth)
+    to `max_depth` (at least the deepest row's); ValueError if the rows are not such a forest.
+    With `fixed`, the boundary rows are padded with -1 to `boundary_capacity`, so every array's
+    shape depends on (rows, max_depth) alone: what a CUDA graph replayed over units needs."""
     n = len(depth)
+    max_depth = max(int(depth.max()) if n else 1, max_depth or 1)
+    tile = tile or default_tile(max_depth)
     anc = np.empty(((n + tile - 1) // tile, max_depth), np.int32)
     bidx = np.empty(n, np.int32)
     brow = np.empty(boundary_capacity(n, max_depth, tile), np.int32)

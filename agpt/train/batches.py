@@ -57,12 +57,11 @@ class HostBatch:
         upload is only copies."""
         t = self.targets
         parent, depth = self.parent.astype(np.int32), self.depth.astype(np.int32)
-        dm = max(int(depth.max()) if len(depth) else 1, self.max_depth or 1)
         return HostBatch(np.asarray(self.tokens, np.int64), parent, depth,
                          HostTargets(t.rows, t.row, t.token, t.coef.astype(dtype),
                                      t.row_coef.astype(dtype), t.z),
-                         self.max_depth, self.fixed, host_tiles(parent, depth, dm,
-                                                                fixed=self.fixed))
+                         self.max_depth, self.fixed,
+                         host_tiles(parent, depth, self.max_depth, fixed=self.fixed))
 
 
 def host_unit_batch(unit: Unit, vocab_size: int, w: Weighting) -> HostBatch:

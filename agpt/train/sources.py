@@ -134,7 +134,7 @@ def load_host_kernels(store: TrieStore, w: Weighting) -> None:
             u = load_unit(store, int(np.argmin(store.radix_rows())))
             targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
                     dense=True)
-            host_tiles(u.parent, u.depth, max(int(u.depth.max(initial=1)), 1))
+            host_tiles(u.parent, u.depth)
     except Exception:  # noqa: BLE001, S110 - reported by the units' reads
         pass
 
