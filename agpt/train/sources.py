@@ -156,10 +156,14 @@ class ProcessSource:
     for. Each piece is one shared-memory segment, unlinked once uploaded (or by `close`,
     which releases whatever was never uploaded).
 
-    Until a worker has started (~1 s: the fork server imports NumPy, Zarr and Numba, then each
-    worker loads the host kernels), the loader threads prepare the units they ask for
-    themselves, a block at a time, as a ThreadSource: the first units of a run waited ~1.2 s
-    for the workers otherwise."""
+    A loader thread asking for a unit whose block no worker has been given prepares that block
+    itself, as a ThreadSource, and (workers ready) submits the blocks after it: so it never
+    waits for a worker to start on the very block it needs. That happens until a worker has
+    started (~1 s: the fork server imports NumPy, Zarr and Numba, then each worker loads the
+    host kernels; the first units of a run waited ~1.2 s for the workers otherwise), and at
+    the hand-over from the threads to the workers, whose lead starts from nothing (units
+    waited up to ~0.1 s there). A source made when the workers are ready submits its first
+    blocks at once."""
 
     def __init__(self, workers: HostWorkers, store: TrieStore, order: Sequence[int],
                  spec: HostSpec, dtype: Any, block_rows: int = READ_BLOCK_ROWS):
@@ -180,6 +184,11 @@ class ProcessSource:
         self._released: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
+        if workers.ready:
+            try:
+                self._submit(0)
+            except BrokenProcessPool:       # reported by the first unit asked for
+                pass
 
     def _submit(self, k: int) -> None:
         """Submit blocks up to block k, then ahead: at most 2 x workers blocks and
@@ -201,13 +210,15 @@ class ProcessSource:
             with self._lock:
                 if self._closed:
                     raise AgptError("the unit source was closed")
-                local = k not in self._futures and (k < self._next or not self.workers.ready)
-                if local:
-                    self._next = max(self._next, k + 1)
-                else:
+                local = k not in self._futures
+                if not local:
                     self._submit(k)
                     self._rows_out -= self._rows[i]
                     fut = self._futures[k]
+                elif k >= self._next:             # a block no one has: this thread's
+                    self._next = k + 1
+                    if self.workers.ready:
+                        self._submit(k)           # the blocks after it, to the workers
             if local:
                 return self._local.host_unit(i)
             name, n_rows, padded, pieces = fut.result()[i]
