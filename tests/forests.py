@@ -41,3 +41,11 @@ def shaped_forest(kind: str, n: int, dm: int):
     parent = np.where(depth == 1, -1, np.where((kind == "broom") & (depth == 2) | (kind == "star"),
                                                 0, i - 1))
     return parent, depth
+
+
+def forest(kind: str, n: int, dm: int, rng: np.random.Generator):
+    """(parent, depth) of a forest of `kind`: `random` or `wide` (random_forest, drawn from
+    rng), else one of shaped_forest's."""
+    if kind in ("random", "wide"):
+        return random_forest(rng, n, dm, kind == "wide")
+    return shaped_forest(kind, n, dm)

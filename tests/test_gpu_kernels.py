@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import poison
-from forests import random_forest, shaped_forest
+from forests import forest, random_forest
 
 from agpt.backend import NumpyBackend
 from agpt.gpu.tiles import host_tiles
@@ -47,10 +47,7 @@ SHAPES = [("random", 1, 1, None), ("random", 37, 4, None), ("random", 3000, 8, N
 def test_tree_attention_kernels(gpu, dtype, shape, truncated) -> None:
     kind, n, dm, tile = shape
     rng = np.random.default_rng(n + dm)
-    if kind in ("random", "wide"):
-        parent, depth = random_forest(rng, n, dm, kind == "wide")
-    else:
-        parent, depth = shaped_forest(kind, n, dm)
+    parent, depth = forest(kind, n, dm, rng)
     h, e = 4, 16
     q, k, v, do = (rng.standard_normal((n, h, e)).astype(dtype) for _ in range(4))
     tree = tree_layout(parent, depth)

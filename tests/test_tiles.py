@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from forests import random_forest, shaped_forest
+from forests import forest, random_forest
 
 from agpt.gpu.tiles import boundary_capacity, default_tile, host_tiles
 from agpt.model.layout import tree_layout
@@ -14,12 +14,6 @@ from agpt.model.layout import tree_layout
 FORESTS = [("random", 1, 1), ("random", 37, 4), ("random", 3000, 8), ("wide", 5000, 16),
            ("wide", 2000, 32), ("chains", 1000, 32), ("chains", 256, 32), ("broom", 5003, 32),
            ("broom", 100, 32), ("star", 777, 2), ("flat", 300, 1), ("random", 700, 100)]
-
-
-def _forest(kind: str, n: int, dm: int) -> tuple[np.ndarray, np.ndarray]:
-    if kind in ("random", "wide"):
-        return random_forest(np.random.default_rng(n + dm), n, dm, kind == "wide")
-    return shaped_forest(kind, n, dm)
 
 
 def _accepts(fn, *args) -> bool:
@@ -30,11 +24,12 @@ def _accepts(fn, *args) -> bool:
     return True
 
 
-@pytest.mark.parametrize("forest", FORESTS, ids=lambda f: "-".join(map(str, f)))
+@pytest.mark.parametrize("shape", FORESTS, ids=lambda f: "-".join(map(str, f)))
 @pytest.mark.parametrize("tile", [None, 32, 64])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_host_tiles_match_the_numpy_layout(forest, tile, fixed) -> None:
-    parent, depth = _forest(*forest)
+def test_host_tiles_match_the_numpy_layout(shape, tile, fixed) -> None:
+    kind, n, dm = shape
+    parent, depth = forest(kind, n, dm, np.random.default_rng(n + dm))
     n, dm = len(depth), max(int(depth.max()), 1) + 1        # one level of slack, as padding has
     ref = tree_layout(parent, depth, dm)                     # anc[r, j]: r's depth-(j+1) ancestor
     got = host_tiles(parent, depth, dm, tile, fixed)
