@@ -240,8 +240,9 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     rng = np.random.default_rng(9)
     url = make_trie(tmp_path, ["".join(rng.choice(list("abcdefgh \n"), 3000))], 8, "unigram")
     res = {}
-    # streamed: units prepared by worker processes (the default), or on the loader threads
+    # units prepared by worker processes (the default), or on the loader threads (-1)
     for name, graphs, cache, workers in (("eager", False, True, 0), ("graphs", True, True, 0),
+                                         ("graphs-threads", True, True, -1),
                                          ("streamed", True, False, 2),
                                          ("streamed-threads", True, False, -1)):
         out = tmp_path / name
@@ -258,12 +259,13 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
                      [r["step"] for r in steps], ep)
     p0, l0, s0, e0 = res["eager"]
     assert e0[-1]["cuda_graphs"] == 0 and e0[-1]["gpu_cached_units"] > 1
-    _, _, _, e1 = res["graphs"]
-    assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
+    for name in ("graphs", "graphs-threads"):
+        e1 = res[name][3]
+        assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
     for e2 in (res["streamed"][3], res["streamed-threads"][3]):
         assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
         assert e2[0]["cuda_graph_classes"] > 1      # streamed units: padded, one graph a class
-    for p1, l1, s1, _ in (res["graphs"], res["streamed"], res["streamed-threads"]):
+    for p1, l1, s1, _ in (res[n] for n in res if n != "eager"):
         assert s0 == s1 == list(range(1, len(s0) + 1))    # every update logged once, in order
         # two eager runs already differ by ~5e-5..9e-5 of the largest parameter after these 3
         # epochs (float64 atomics' last bits, grown by ReLU masks flipping; measured on an

@@ -15,8 +15,9 @@ from agpt.errors import AgptError
 from agpt.store.trie import open_trie
 from agpt.train.batches import HostBatch, HostSpec, capacity
 from agpt.train.objective import Weighting
-from agpt.train.sources import HostWorkers, ProcessSource, ShmPiece, ThreadSource
+from agpt.train.sources import ProcessSource, ShmPiece, ThreadSource
 from agpt.train.units import unit_count
+from agpt.train.workers import HostWorkers
 
 SHM = Path("/dev/shm")
 
@@ -126,23 +127,36 @@ def test_a_worker_error_reaches_the_loader(tmp_path: Path, workers: HostWorkers)
 
 def test_worker_count_falls_back_to_threads_or_says_why(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
-    import agpt.train.sources as sources
-    monkeypatch.setattr(sources.os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(sources, "shm_free", lambda: 8 << 30)
-    assert sources.worker_count(0, str(tmp_path)) == 6
-    assert sources.worker_count(3, str(tmp_path)) == 3
-    assert sources.worker_count(-1, str(tmp_path)) == 0
-    assert sources.worker_count(0, "memory://t") == 0
+    import agpt.train.workers as workers
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(workers, "shm_free", lambda: 8 << 30)
+    assert workers.worker_count(0, str(tmp_path)) == 6
+    assert workers.worker_count(3, str(tmp_path)) == 3
+    assert workers.worker_count(-1, str(tmp_path)) == 0
+    assert workers.worker_count(0, "memory://t") == 0
     with pytest.raises(AgptError, match="in-memory"):
-        sources.worker_count(2, "memory://t")
-    monkeypatch.setattr(sources.os, "cpu_count", lambda: 2)
-    assert sources.worker_count(0, str(tmp_path)) == 0             # two cores: threads
+        workers.worker_count(2, "memory://t")
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    assert workers.worker_count(0, str(tmp_path)) == 0             # two cores: threads
     monkeypatch.undo()
-    monkeypatch.setattr(sources, "SHM_DIR", str(tmp_path / "none"))    # no shared memory
-    assert sources.shm_free() == 0
-    assert sources.worker_count(0, str(tmp_path)) == 0
+    monkeypatch.setattr(workers, "SHM_DIR", str(tmp_path / "none"))    # no shared memory
+    assert workers.shm_free() == 0
+    assert workers.worker_count(0, str(tmp_path)) == 0
     with pytest.raises(AgptError, match="shared memory"):
-        sources.worker_count(4, str(tmp_path))
+        workers.worker_count(4, str(tmp_path))
+
+
+def test_workers_that_cannot_start_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import agpt.train.workers as workers
+
+    def broken() -> None:
+        raise OSError("no fork server")
+    monkeypatch.setattr(workers, "start_fork_server", broken)
+    w = HostWorkers(1)
+    w.wait()
+    with pytest.raises(AgptError, match="did not start .no fork server.*--host-workers -1"):
+        assert w.ready
+    w.close()
 
 
 class _Late:
@@ -188,7 +202,7 @@ def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
     spec = HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth)
     w = HostWorkers(1)
     try:
-        w._started[0].result()                          # the worker is up
+        w.wait()                                        # the worker is up
         for p in list(w.pool._processes.values()):
             os.kill(p.pid, signal.SIGKILL)              # as the out-of-memory killer would
         src = ProcessSource(w, t, order, spec, np.float32)
@@ -198,3 +212,46 @@ def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
         src.close()
     finally:
         w.close()
+
+
+_KERNEL_TYPES = """
+import sys
+import numpy as np
+from agpt.gpu.tiles import _tile_pass
+from agpt.store.trie import open_trie
+from agpt.train.batches import HostSpec
+from agpt.train.expand import expand_radix, loss_terms
+from agpt.train.objective import Weighting
+from agpt.train.sources import ThreadSource, load_host_kernels
+from agpt.train.units import unit_count
+
+kernels = (expand_radix, loss_terms, _tile_pass)
+load_host_kernels()
+loaded = [set(k.signatures) for k in kernels]
+for url in sys.argv[1:]:
+    t = open_trie(url)
+    order = list(range(unit_count(t)))
+    src = ThreadSource(t, order, HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth))
+    for i in order:
+        for p in src.host_unit(i).pieces:
+            p.upload(lambda hb: hb.for_device(np.float32))
+print([len(set(k.signatures) - s) for k, s in zip(kernels, loaded)])
+"""
+
+
+def test_load_host_kernels_loads_every_type_a_store_gives(tmp_path: Path) -> None:
+    """After load_host_kernels, a store's units (uint8 and uint16 tokens, the spine unit
+    among them) call no compiled host kernel with a type it did not load: what the fork
+    server loaded is what its workers use. In a fresh process: other tests load kernels too."""
+    import subprocess
+    import sys
+    rng = np.random.default_rng(5)
+    for d in "ab":
+        (tmp_path / d).mkdir()
+    small = make_trie(tmp_path / "a", ["abcabcabd\n" * 20], 5, "bigram")
+    wide = "".join(chr(0x100 + int(i)) for i in rng.integers(0, 300, 3000))
+    big = make_trie(tmp_path / "b", [wide], 4)
+    assert open_trie(big).vocab_size > 256
+    out = subprocess.run([sys.executable, "-c", _KERNEL_TYPES, small, big], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.split("\n")[-2] == "[0, 0, 0]"

@@ -91,9 +91,8 @@ def _optim(recipe: dict, kw: dict):
                    "(0: 4 on the GPU, 2 on the CPU).")
 @click.option("--host-workers", type=int, default=0, show_default=True,
               help="GPU: processes that read partitions and prepare their rows and loss terms "
-                   "for the loaders (0: half the cores, at most 6, when the run streams "
-                   "partitions, i.e. they may not all stay cached on the device; N: N processes; "
-                   "-1: none, the loader threads do it).")
+                   "for the loaders (0: half the cores, at most 6; N: N processes; -1: none, "
+                   "the loader threads do it).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="GPU: replay each small partition's forward and backward as one CUDA graph: "
                    "a cached one's from the second epoch on, a streamed one's padded to a size "
@@ -105,6 +104,8 @@ def _optim(recipe: dict, kw: dict):
 @click.option("--shuffle", is_flag=True, help="Visit partitions in a seeded random order.")
 def train_cmd(store: str, recipe: str | None, **kw) -> None:
     """Train on the trie store STORE (its radix layer) with the exact aggregated gradient."""
+    from agpt.train.workers import start_early
+    start_early(kw["device"], kw["host_workers"], store)    # it loads beside the imports below
     from agpt.train.run import SEED_RECIPE, train_trie
     from agpt.train.trie_trainer import TrieArgs
     from pipelines.build import parse_bytes

@@ -22,7 +22,7 @@ from agpt.store.corpus import CorpusStore, open_corpus
 from agpt.store.trie import TrieStore, open_trie
 from agpt.train.optim import OptimConfig
 from agpt.train.session import Interrupted, Session, auto_lr, default_metrics_path
-from agpt.train.trie_trainer import TrieArgs, train_epochs, unit_count, warm_up_host_kernels
+from agpt.train.trie_trainer import TrieArgs, train_epochs, unit_count, warm_up_host
 from agpt.train.window_trainer import WindowArgs, corpus_windows, train_windows, updates_per_epoch
 
 #: the seed's recipe (SPEC §8): rmsprop without bias correction, β 0.999, lr 3e-3, one warmup
@@ -99,7 +99,7 @@ def train_trie(store_url: str, out: str, args: TrieArgs, optim: OptimConfig, *,
     """Train (or continue training) a model on a trie store's radix layer."""
     store: TrieStore = open_trie(store_url)
     store._need("radix")
-    warm_up_host_kernels(store, args.weighting)
+    warm_up_host(store, args, device)
     n_units = unit_count(store)
     per_epoch = n_units if args.step == "partition" else 1
     base_lr = auto_lr(optim.lr, per_epoch) if auto else optim.lr

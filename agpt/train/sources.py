@@ -2,7 +2,7 @@
 
 - `ThreadSource`: the loader thread reads the unit and prepares it itself (UnitReader, then
   batches.host_unit; a unit's chunks are cut on the threads that upload them).
-- `ProcessSource`: worker processes (`HostWorkers`) read blocks of partitions from the store,
+- `ProcessSource`: worker processes (agpt.train.workers) read blocks of partitions from the store,
   expand them, compute their loss terms (and their chunks, or their padding), lay out their
   attention tiles (agpt.gpu.tiles) and hand the arrays back in shared memory; the loader
   threads only upload them (two copies per piece).
@@ -16,12 +16,10 @@ GPU's work just as much. In worker processes the reads and the host kernels run 
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -39,8 +37,11 @@ from agpt.train.units import (
     UnitReader,
     load_unit,
     partition_unit,
+    radix_unit,
     read_blocks,
 )
+from agpt.train.workers import HostWorkers
+from agpt.trie.radix import RadixTrie
 
 
 class ThreadSource:
@@ -61,93 +62,38 @@ class ThreadSource:
 #: units of blocks submitted and not yet taken, at most (beyond the block asked for): their
 #: arrays wait in shared memory, ~45 bytes a row
 LOOKAHEAD_ROWS = 16 << 20
-#: shared memory a run needs free for worker processes (else the loader threads prepare)
-SHM_NEEDED = 1 << 30
-SHM_DIR = "/dev/shm"
+#: the token dtypes of a store (agpt.store.format.token_dtype): the host kernels' types
+TOKEN_DTYPES = (np.uint8, np.uint16, np.uint32)
 
 
-def shm_free() -> int:
-    """Bytes free for shared memory (0 where there is no /dev/shm)."""
+def load_host_kernels() -> None:
+    """Call every compiled host kernel with each type it gets from a store, on a synthetic
+    two-row partition: a process's first call of a kernel loads it (~0.45 s in all on the dev
+    machine, most of it numba setting up, SciPy among its imports), which the first unit
+    waited for otherwise. No store I/O: the fork server runs this, and must not start Zarr's
+    I/O thread before it forks. Errors are left to the units' own calls, which report them."""
     try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def worker_count(requested: int, url: str) -> int:
-    """Worker processes for a GPU run on the store at `url`: `requested`, or with 0 half the
-    cores, at most 6 (none below 4 cores, for an in-memory store another process cannot open,
-    or with less than SHM_NEEDED of shared memory: the loader threads then prepare the units);
-    -1: none."""
-    if requested < 0:
-        return 0
-    if url.startswith("memory://"):
-        if requested:
-            raise AgptError("--host-workers: an in-memory store cannot be read by other "
-                            "processes; use --host-workers -1")
-        return 0
-    if shm_free() < SHM_NEEDED:
-        if requested:
-            raise AgptError(f"--host-workers needs {SHM_NEEDED >> 20} MiB of shared memory; "
-                            f"{SHM_DIR} has {shm_free() >> 20} MiB free (in Docker: "
-                            "--shm-size); use --host-workers -1")
-        return 0
-    if requested:
-        return requested
-    n = min(6, (os.cpu_count() or 1) // 2)
-    return n if n >= 2 else 0
-
-
-class HostWorkers:
-    """A run's worker processes, all started at once (they load while the model and the device
-    are set up). They come from a fork server, never a fork of the trainer: the trainer holds
-    a CUDA context and threads, which a fork must not copy. The server has imported NumPy,
-    Zarr and Numba; each worker opens the store and loads the compiled host kernels on the
-    store's smallest partition (their types are the store's). Workers ignore Ctrl-C: the
-    trainer handles it and stops them."""
-
-    def __init__(self, n: int, url: str | None = None):
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__, "agpt.train.expand"])
-        self.n = n
-        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(url,))
-        # each submit starts one more process; a task's result means its worker has loaded
-        self._started = [self.pool.submit(int) for _ in range(n)]
-
-    @property
-    def ready(self) -> bool:
-        """Whether a worker has started (and loaded)."""
-        return any(f.done() for f in self._started)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def load_host_kernels(store: TrieStore, w: Weighting) -> None:
-    """Expand the store's smallest partition, compute its loss terms and lay out its tiles:
-    the first call of the compiled host kernels in a process loads them, with the store's
-    types. Errors are left to the units' own reads, which report them."""
-    try:
-        if store.n_partitions:
-            u = load_unit(store, int(np.argmin(store.radix_rows())))
-            targets(u.count_ptr, u.count_token, u.count_value, u.loss, store.vocab_size, w,
-                    dense=True)
+        for dt in TOKEN_DTYPES:
+            tok = np.arange(2, dtype=dt)
+            one = np.ones(1, np.int64)
+            rt = RadixTrie(-one, np.ones(1, np.int16), one, np.array([0, 2]), tok,
+                           np.array([0, 1]), tok[:1].copy(), one, np.array([0, 1]))
+            u = radix_unit(rt, None, "warm-up")
+            targets(u.count_ptr, u.count_token, u.count_value, u.loss, 2, Weighting(), dense=True)
             host_tiles(u.parent, u.depth)
-    except Exception:  # noqa: BLE001, S110 - reported by the units' reads
+    except Exception:  # noqa: BLE001, S110 - see above
         pass
 
 
-def _init_worker(url: str | None) -> None:
+def init_worker(url: str | None) -> None:
+    """(In a worker, as it starts.) Ignore Ctrl-C; open the store at `url`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if url is None:
         return
     try:
-        store = _STORES[url] = open_trie(url)
-    except Exception:  # noqa: BLE001 - the units' tasks report it
-        return
-    load_host_kernels(store, Weighting())
+        _STORES[url] = open_trie(url)
+    except Exception:  # noqa: BLE001, S110 - the units' tasks report it
+        pass
 
 
 class ProcessSource:
@@ -159,11 +105,10 @@ class ProcessSource:
     A loader thread asking for a unit whose block no worker has been given prepares that block
     itself, as a ThreadSource, and (workers ready) submits the blocks after it: so it never
     waits for a worker to start on the very block it needs. That happens until a worker has
-    started (~1 s: the fork server imports NumPy, Zarr and Numba, then each worker loads the
-    host kernels; the first units of a run waited ~1.2 s for the workers otherwise), and at
-    the hand-over from the threads to the workers, whose lead starts from nothing (units
-    waited up to ~0.1 s there). A source made when the workers are ready submits its first
-    blocks at once."""
+    started (when the fork server is not ready yet: workers.start_fork_server), and at the
+    hand-over from the threads to the workers, whose lead starts from nothing (units waited
+    up to ~0.1 s there). A source made when the workers are ready submits its first blocks at
+    once."""
 
     def __init__(self, workers: HostWorkers, store: TrieStore, order: Sequence[int],
                  spec: HostSpec, dtype: Any, block_rows: int = READ_BLOCK_ROWS):

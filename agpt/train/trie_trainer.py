@@ -36,14 +36,9 @@ from agpt.train.batches import HostBatch, HostSpec, Piece, batch_arrays, to_devi
 from agpt.train.graphs import UnitGraphs
 from agpt.train.objective import HostTargets, Weighting
 from agpt.train.session import Session
-from agpt.train.sources import (
-    HostWorkers,
-    ProcessSource,
-    ThreadSource,
-    load_host_kernels,
-    worker_count,
-)
+from agpt.train.sources import ProcessSource, ThreadSource, load_host_kernels
 from agpt.train.units import unit_count
+from agpt.train.workers import HostWorkers, start_early, worker_count
 
 
 @dataclass(frozen=True)
@@ -127,15 +122,16 @@ class Staged:
             yield p.upload(lambda hb: hb.upload(be))
 
 
-def warm_up_host_kernels(store: TrieStore, w: Weighting) -> threading.Thread:
-    """sources.load_host_kernels on a background thread: the first call of the compiled
-    kernels in a process loads them (~1 s: numba sets up and imports SciPy), which the first
-    unit waited for; started before the model and the device are set up, it runs beside
-    them."""
-    t = threading.Thread(target=load_host_kernels, args=(store, w), name="agpt-warm",
-                         daemon=True)
-    t.start()
-    return t
+def warm_up_host(store: TrieStore, args: TrieArgs, device: str) -> None:
+    """Started before the model and the device are set up (CuPy's import, the CUDA context),
+    so that the host side is ready when they are:
+    - the compiled host kernels load on a background thread (sources.load_host_kernels): the
+      loader threads call them too, and their first call loaded them (~1 s on the H100
+      machine), which the first unit waited for;
+    - a GPU run that may use worker processes starts their fork server (workers.start_early;
+      `agpt train` has started it already, before its imports)."""
+    threading.Thread(target=load_host_kernels, name="agpt-warm", daemon=True).start()
+    start_early(device, args.host_workers, store.url)
 
 
 def warm_up_device(s: Session, depth: int, vocab_size: int, truncated: bool) -> float:
@@ -304,16 +300,12 @@ def epoch_order(args: TrieArgs, n_units: int, epoch: int) -> list[int]:
 
 
 def start_workers(store: TrieStore, args: TrieArgs, plan: GpuPlan | None) -> HostWorkers | None:
-    """Worker processes to prepare the units of a GPU run that streams them (sources): one
-    whose units may not all fit the device cache, or that keeps none. A run whose units all
-    stay cached reads each once, and the loader threads do that as fast (the D=32 first
-    epoch: 1.94 s on threads, 2.1-2.4 s with workers starting beside it; measured on the H100
-    machine); streamed epochs went ~2x faster with workers. None on the CPU, or where
-    sources.worker_count says none."""
+    """Worker processes to prepare the units of a GPU run (sources), cached or not: on the
+    loader threads the preparation shares the trainer's GIL, which slows its launches (the
+    cached first epoch of tinyshakespeare took 1.51/1.81 s at D=16 and 2.23/2.49 s at D=32
+    on threads, 1.10/1.04 and 2.24/1.82 s with workers; `agpt train`, H100 machine). None on
+    the CPU, or where workers.worker_count says none."""
     if plan is None:
-        return None
-    rows = int(store.radix_rows().sum())
-    if args.gpu_cache and rows * STAGED_BYTES_PER_ROW <= plan.cache and args.host_workers == 0:
         return None
     n = worker_count(args.host_workers, store.url)
     return HostWorkers(n, store.url) if n else None
