@@ -170,6 +170,54 @@ class _Late:
         self.asked += 1
         return self.asked > self.after
 
+    def when_ready(self, f) -> None:
+        pass                                    # ready only as asked
+
+
+class _Manual:
+    """Workers that start when told to (`go`)."""
+
+    def __init__(self, workers: HostWorkers):
+        self.pool, self.n, self.ready, self.waiting = workers.pool, workers.n, False, []
+
+    def when_ready(self, f) -> None:
+        if self.ready:
+            f()
+        else:
+            self.waiting.append(f)
+
+    def go(self) -> None:
+        self.ready = True
+        for f in self.waiting:
+            f()
+
+
+def test_workers_that_start_are_handed_the_blocks_no_thread_took(
+        tmp_path: Path, workers: HostWorkers) -> None:
+    rng = np.random.default_rng(4)
+    t = open_trie(make_trie(tmp_path, ["".join(rng.choice(list("abcdef \n"), 800))], 6, "bigram"))
+    order = list(range(unit_count(t)))
+    spec = HostSpec(t.vocab_size, Weighting(), 1 << 20, t.max_depth)
+    before = _segments()
+    late = _Manual(workers)
+    proc = ProcessSource(late, t, order, spec, np.float32, 3 * int(np.median(t.radix_rows())))
+    first = proc.host_unit(order[0])                    # no worker yet: on this thread
+    assert type(first.pieces[0]).__name__ == "LazyPiece" and not proc._futures
+    late.go()                                           # no unit asked since
+    taken = proc._block_of[order[0]]
+    assert min(proc._futures) == taken + 1
+    thread = ThreadSource(t, order, spec)
+    for p, q in zip(first.pieces, thread.host_unit(order[0]).pieces, strict=True):
+        _assert_same(p.upload(_device_copy), q.upload(_device_copy))
+    for i in order[1:]:
+        hu = proc.host_unit(i)
+        mine = proc._block_of[i] == taken
+        assert type(hu.pieces[0]).__name__ == ("LazyPiece" if mine else "ShmPiece")
+        for p, q in zip(hu.pieces, thread.host_unit(i).pieces, strict=True):
+            _assert_same(p.upload(_device_copy), q.upload(_device_copy))
+    proc.close()
+    assert _segments() <= before
+
 
 def test_units_asked_before_the_workers_start_are_prepared_on_the_thread(
         tmp_path: Path, workers: HostWorkers) -> None:

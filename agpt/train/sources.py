@@ -107,8 +107,8 @@ class ProcessSource:
     waits for a worker to start on the very block it needs. That happens until a worker has
     started (when the fork server is not ready yet: workers.start_fork_server), and at the
     hand-over from the threads to the workers, whose lead starts from nothing (units waited
-    up to ~0.1 s there). A source made when the workers are ready submits its first blocks at
-    once."""
+    up to ~0.1 s there). The workers are handed the blocks no thread has taken as soon as one
+    of them has started (at once for a source made when they are ready)."""
 
     def __init__(self, workers: HostWorkers, store: TrieStore, order: Sequence[int],
                  spec: HostSpec, dtype: Any, block_rows: int = READ_BLOCK_ROWS):
@@ -129,10 +129,18 @@ class ProcessSource:
         self._released: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
-        if workers.ready:
+        workers.when_ready(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """(Once a worker has started.) Submit the blocks from the first that no loader thread
+        has taken: the threads, each busy on its own unit (~0.3 s), had left the workers idle
+        until one asked for its next unit."""
+        with self._lock:
+            if self._closed:
+                return
             try:
-                self._submit(0)
-            except BrokenProcessPool:       # reported by the first unit asked for
+                self._submit(self._next)
+            except BrokenProcessPool:       # reported by the next unit asked for
                 pass
 
     def _submit(self, k: int) -> None:

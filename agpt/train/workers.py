@@ -9,7 +9,8 @@ import importlib.util
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from agpt.errors import AgptError
 
@@ -89,6 +90,8 @@ class HostWorkers:
                                         initializer=init_worker, initargs=(url,))
         self._started: list[Future] = []     # one task per worker: done once it has started
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._waiting: list[Callable[[], None]] | None = []    # None: announced
         self._starter = threading.Thread(target=self._start, name="agpt-workers", daemon=True)
         self._starter.start()
 
@@ -96,8 +99,22 @@ class HostWorkers:
         try:
             start_fork_server()
             self._started = [self.pool.submit(int) for _ in range(self.n)]
+            wait(self._started, return_when=FIRST_COMPLETED)
         except BaseException as e:  # noqa: BLE001 - reported by `ready`
             self._error = e
+            return
+        with self._lock:
+            waiting, self._waiting = self._waiting, None
+        for f in waiting or ():
+            f()
+
+    def when_ready(self, f: Callable[[], None]) -> None:
+        """Call f once a worker has started (on the starting thread), or now if one has."""
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting.append(f)
+                return
+        f()
 
     @property
     def ready(self) -> bool:
