@@ -118,6 +118,9 @@ def speed(work: Path, depth: int, epochs: int, gradient: str, tf32: bool, loader
             "epoch_s": [r["seconds"] for r in eps], "io_wait_s": [r["io_wait_s"] for r in eps],
             "first_unit_wait_s": [r.get("first_unit_wait_s") for r in eps],
             "first_epoch_s": eps[0]["seconds"],
+            # epoch 1: the device warm-up's seconds, and when the first worker process had
+            # started (seconds into the epoch; None: no workers)
+            "warm_up_s": eps[0].get("warm_up_s"), "workers_ready_s": eps[0].get("workers_ready_s"),
             # the whole command (start, epochs, checkpoints), and the time between one epoch's end
             # and the next one's start (its checkpoint write): work moved there is not hidden
             "run_s": run_s,

@@ -262,6 +262,9 @@ def test_gpu_cuda_graphs_and_streaming_give_the_same_updates(tmp_path: Path, gpu
     for name in ("graphs", "graphs-threads"):
         e1 = res[name][3]
         assert e1[1]["cuda_graphs"] == e1[1]["gpu_cached_units"] > 1
+    for name, (_, _, _, e) in res.items():     # epoch 1 says when the workers had started
+        assert ("workers_ready_s" in e[0]) == ("threads" not in name)
+        assert all("workers_ready_s" not in r for r in e[1:])
     for e2 in (res["streamed"][3], res["streamed-threads"][3]):
         assert e2[-1]["cuda_graphs"] == e2[-1]["gpu_cached_units"] == 0
         assert e2[0]["cuda_graph_classes"] > 1      # streamed units: padded, one graph a class

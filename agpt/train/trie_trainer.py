@@ -402,6 +402,7 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                         on_close=source.close)
 
     last = min(args.epochs, until_epoch or args.epochs)
+    first_epoch = s.pos.epoch
     # the next epoch's loaders start once this one's units are all submitted, so they stage
     # its first few units (2 x loaders: its lead in rows is released when it begins) while
     # this epoch's last ones compute and its checkpoint is written. A deeper early lead only
@@ -497,6 +498,11 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                                            "gpu_cached_units": len(cache), "chunk_rows": max_rows,
                                            "cuda_graphs": graphs.n_own,
                                            "cuda_graph_classes": graphs.n_classes}
+            if workers is not None and e == first_epoch:
+                # when the first worker had started, in seconds from this epoch's start
+                # (negative: before it): epoch 1's waits come before it
+                at = workers.ready_at
+                gpu["workers_ready_s"] = None if at is None else round(at - t_ep, 3)
             s.log("epoch", loss=ep_loss / max(ep_z, 1e-12), rows=ep_rows, seconds=round(secs, 3),
                   rows_per_s=round(ep_rows / max(secs, 1e-9), 1), io_wait_s=round(io_wait, 3),
                   first_unit_wait_s=round(first_wait or 0.0, 3), warm_up_s=round(warm_s, 3),

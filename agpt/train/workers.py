@@ -9,6 +9,7 @@ import importlib.util
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -92,6 +93,8 @@ class HostWorkers:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._waiting: list[Callable[[], None]] | None = []    # None: announced
+        #: time.perf_counter() when the first worker had started (None: not yet)
+        self.ready_at: float | None = None
         self._starter = threading.Thread(target=self._start, name="agpt-workers", daemon=True)
         self._starter.start()
 
@@ -103,6 +106,7 @@ class HostWorkers:
         except BaseException as e:  # noqa: BLE001 - reported by `ready`
             self._error = e
             return
+        self.ready_at = time.perf_counter()
         with self._lock:
             waiting, self._waiting = self._waiting, None
         for f in waiting or ():
