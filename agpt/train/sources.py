@@ -66,14 +66,15 @@ LOOKAHEAD_ROWS = 16 << 20
 TOKEN_DTYPES = (np.uint8, np.uint16, np.uint32)
 
 
-def load_host_kernels() -> None:
-    """Call every compiled host kernel with each type it gets from a store, on a synthetic
-    two-row partition: a process's first call of a kernel loads it (~0.45 s in all on the dev
-    machine, most of it numba setting up, SciPy among its imports), which the first unit
-    waited for otherwise. No store I/O: the fork server runs this, and must not start Zarr's
-    I/O thread before it forks. Errors are left to the units' own calls, which report them."""
+def load_host_kernels(token_dtypes: Sequence[Any] = TOKEN_DTYPES) -> None:
+    """Call every compiled host kernel with each type it gets from a store whose tokens are
+    one of `token_dtypes`, on a synthetic two-row partition: a process's first call of a
+    kernel loads it (~0.45 s in all on the dev machine, most of it numba setting up, SciPy
+    among its imports), which the first unit waited for otherwise. No store I/O: the fork
+    server runs this, and must not start Zarr's I/O thread before it forks. Errors are left to
+    the units' own calls, which report them."""
     try:
-        for dt in TOKEN_DTYPES:
+        for dt in token_dtypes:
             tok = np.arange(2, dtype=dt)
             one = np.ones(1, np.int64)
             rt = RadixTrie(-one, np.ones(1, np.int16), one, np.array([0, 2]), tok,

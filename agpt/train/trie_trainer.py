@@ -31,6 +31,7 @@ import numpy as np
 from agpt.errors import AgptError
 from agpt.model.config import ModelConfig
 from agpt.model.gpt import Batch, loss_and_grad
+from agpt.store.format import token_dtype
 from agpt.store.trie import TrieStore
 from agpt.train.batches import HostBatch, HostSpec, Piece, batch_arrays, to_device
 from agpt.train.graphs import UnitGraphs
@@ -130,7 +131,10 @@ def warm_up_host(store: TrieStore, args: TrieArgs, device: str) -> None:
       machine), which the first unit waited for;
     - a GPU run that may use worker processes starts their fork server (workers.start_early;
       `agpt train` has started it already, before its imports)."""
-    threading.Thread(target=load_host_kernels, name="agpt-warm", daemon=True).start()
+    # the store's token dtype only: this thread holds the trainer's GIL for much of its
+    # ~1.1 s (H100 machine), which ends inside epoch 1
+    threading.Thread(target=load_host_kernels, args=([token_dtype(store.vocab_size)],),
+                     name="agpt-warm", daemon=True).start()
     start_early(device, args.host_workers, store.url)
 
 
