@@ -41,14 +41,15 @@ def compressors() -> list:
     return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
 
 
+#: the dtypes a store's token ids may have, smallest first
+TOKEN_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds ids 0..vocab_size-1 (ids are never assumed to be bytes)."""
-    if vocab_size <= 1 << 8:
-        return np.dtype(np.uint8)
-    if vocab_size <= 1 << 16:
-        return np.dtype(np.uint16)
-    if vocab_size <= 1 << 32:
-        return np.dtype(np.uint32)
+    for dt in TOKEN_DTYPES:
+        if vocab_size <= 1 << (8 * dt.itemsize):
+            return dt
     raise StoreFormatError(f"vocabulary of {vocab_size} ids does not fit uint32; use a smaller tokenizer")
 
 

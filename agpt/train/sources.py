@@ -29,6 +29,7 @@ import numpy as np
 
 from agpt.errors import AgptError
 from agpt.gpu.tiles import TileLayout, host_tiles
+from agpt.store.format import TOKEN_DTYPES
 from agpt.store.trie import TrieStore, open_trie
 from agpt.train.batches import HostBatch, HostSpec, HostUnit, T, host_unit
 from agpt.train.objective import HostTargets, Weighting, targets
@@ -62,9 +63,6 @@ class ThreadSource:
 #: units of blocks submitted and not yet taken, at most (beyond the block asked for): their
 #: arrays wait in shared memory, ~45 bytes a row
 LOOKAHEAD_ROWS = 16 << 20
-#: the token dtypes of a store (agpt.store.format.token_dtype): the host kernels' types
-TOKEN_DTYPES = (np.uint8, np.uint16, np.uint32)
-
 
 def load_host_kernels(token_dtypes: Sequence[Any] = TOKEN_DTYPES) -> None:
     """Call every compiled host kernel with each type it gets from a store whose tokens are

@@ -126,7 +126,7 @@ class HostWorkers:
         if self._error is not None:
             raise AgptError(f"the host worker processes did not start ({self._error}); "
                             "--host-workers -1 prepares partitions on the loader threads")
-        return any(f.done() for f in self._started)
+        return self.ready_at is not None
 
     def wait(self) -> None:
         """Until every worker has started (or failed to)."""
