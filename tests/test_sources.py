@@ -56,7 +56,11 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def workers():
+    """Two started workers: a cold fork server (Numba compiling its kernels, as on a fresh
+    clone) can take a minute, during which a source prepares every unit on its loaders."""
     w = HostWorkers(2)
+    w.wait()
+    assert w.ready
     yield w
     w.close()
 
@@ -74,7 +78,7 @@ def test_process_source_equals_thread_source(tmp_path: Path, workers: HostWorker
     spec = HostSpec(t.vocab_size, Weighting("linear", 1.0), max_rows, t.max_depth, pad_rows)
     before = _segments()
     orders = [list(range(n)), [int(i) for i in rng.permutation(n)], [i for i in range(n) if i % 3]]
-    kinds = set()
+    kinds, shm = set(), 0
     for order in orders:
         thread, proc = ThreadSource(t, order, spec), ProcessSource(workers, t, order, spec,
                                                                    np.float32)
@@ -86,11 +90,13 @@ def test_process_source_equals_thread_source(tmp_path: Path, workers: HostWorker
             assert len(hu.pieces) == len(want.pieces)
             kinds.add(hu.padded)
             for p, q in zip(hu.pieces, want.pieces, strict=True):
+                shm += isinstance(p, ShmPiece)
                 # a worker's piece as it is (its tiles too); one a loader made, as it uploads
                 got = p.upload(_copy if isinstance(p, ShmPiece) else _device_copy)
                 _assert_same(got, q.upload(_device_copy))
         proc.close()
     assert kinds == ({False, True} if pad else {False})
+    assert shm                                    # the workers prepared units, not only loaders
     assert max_rows > 1000 or any(len(thread.host_unit(i).pieces) > 1 for i in range(n))
     assert _segments() <= before                  # every segment was unlinked once uploaded
 
