@@ -269,18 +269,20 @@ def test_a_dead_worker_is_a_clear_error(tmp_path: Path) -> None:
 
 
 _KERNEL_TYPES = """
+import json
 import sys
 import numpy as np
+import agpt.train.preload                      # what the fork server imports
+kept_out = sorted(m for m in ("cupy", "scipy") if m in sys.modules)
 from agpt.gpu.tiles import _tile_pass
 from agpt.store.trie import open_trie
 from agpt.train.batches import HostSpec
 from agpt.train.expand import expand_radix, loss_terms
 from agpt.train.objective import Weighting
-from agpt.train.sources import ThreadSource, load_host_kernels
+from agpt.train.sources import ThreadSource
 from agpt.train.units import unit_count
 
 kernels = (expand_radix, loss_terms, _tile_pass)
-load_host_kernels()
 loaded = [set(k.signatures) for k in kernels]
 for url in sys.argv[1:]:
     t = open_trie(url)
@@ -289,14 +291,25 @@ for url in sys.argv[1:]:
     for i in order:
         for p in src.host_unit(i).pieces:
             p.upload(lambda hb: hb.for_device(np.float32))
-print([len(set(k.signatures) - s) for k, s in zip(kernels, loaded)])
+blocked_after = []
+for m in ("cupy", "scipy"):
+    try:
+        __import__(m)
+    except ImportError as e:                   # absent is fine; blocked is not
+        if "halted" in str(e):
+            blocked_after.append(m)
+print(json.dumps({"loaded": [len(s) for s in loaded], "kept_out": kept_out,
+                  "new": [len(set(k.signatures) - s) for k, s in zip(kernels, loaded)],
+                  "blocked_after": blocked_after}))
 """
 
 
-def test_load_host_kernels_loads_every_type_a_store_gives(tmp_path: Path) -> None:
-    """After load_host_kernels, a store's units (uint8 and uint16 tokens, the spine unit
-    among them) call no compiled host kernel with a type it did not load: what the fork
-    server loaded is what its workers use. In a fresh process: other tests load kernels too."""
+def test_the_fork_servers_preload_loads_every_type_a_store_gives(tmp_path: Path) -> None:
+    """After the fork server's preload (agpt.train.preload), a store's units (uint8 and uint16
+    tokens, the spine unit among them) call no compiled host kernel with a type it did not
+    load: what the server loaded is what its workers use. The preload kept SciPy and CuPy out
+    and left them importable. In a fresh process: other tests load kernels too."""
+    import json
     import subprocess
     import sys
     rng = np.random.default_rng(5)
@@ -308,4 +321,6 @@ def test_load_host_kernels_loads_every_type_a_store_gives(tmp_path: Path) -> Non
     assert open_trie(big).vocab_size > 256
     out = subprocess.run([sys.executable, "-c", _KERNEL_TYPES, small, big], check=True,
                          capture_output=True, text=True).stdout
-    assert out.split("\n")[-2] == "[0, 0, 0]"
+    got = json.loads(out.split("\n")[-2])
+    assert all(got["loaded"]) and got["new"] == [0, 0, 0]
+    assert got["kept_out"] == [] and got["blocked_after"] == []
