@@ -7,7 +7,8 @@ Two imports the workers never use are kept out while it loads: Zarr probes for C
 GPU buffers: 0.19 s on the H100 machine) and Numba for SciPy (a BLAS for np.dot, which our
 kernels never call). They delayed the server, and with it epoch 1's first units. They are
 blocked only while this module loads, since the server forks other code's workers too; what
-stays is that the server's Zarr has no GPU buffers and Numba's np.vdot/np.inner no BLAS."""
+stays is that the server's Zarr has no GPU buffers and Numba's np.correlate/np.convolve
+no BLAS (np.dot and np.linalg load it when compiled)."""
 
 import sys
 

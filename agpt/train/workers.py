@@ -55,8 +55,9 @@ def worker_count(requested: int, url: str) -> int:
 
 def start_fork_server() -> None:
     """Start the fork server the workers come from, if not yet running. It imports NumPy,
-    Zarr and Numba and loads the compiled host kernels (agpt.train.preload): ~2.2 s on the
-    H100 machine, after which each worker forked from it starts in ~50 ms."""
+    Zarr and Numba and loads the compiled host kernels (agpt.train.preload): ~2.1 s on the
+    H100 machine (with SciPy and CuPy, since kept out), after which each worker forked from
+    it starts in ~50 ms."""
     from multiprocessing import forkserver
     forkserver.set_forkserver_preload(["agpt.train.preload"])
     forkserver.ensure_running()
