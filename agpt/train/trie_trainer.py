@@ -440,10 +440,12 @@ def _run_epochs(s: Session, store: TrieStore, args: TrieArgs, until_epoch: int |
                     units.close()
                     raise
                 warmed = True
-                # what exists now (CuPy, Numba, Zarr, the model: ~160k objects) lives as long
-                # as the run: frozen, the cyclic collector's full passes skip it. Unfrozen, one
-                # walked it between epochs 1 and 2 for 59-79 ms with the GIL held (H100
-                # machine: in the checkpoint write; a little later, it would hold up epoch 2)
+            if not froze:
+                # what exists now (CuPy, Numba, Zarr, the model: ~160k objects on the GPU)
+                # lives as long as the run: frozen, the cyclic collector's full passes skip
+                # it. Unfrozen, one walked it between epochs 1 and 2 for 59-79 ms with the GIL
+                # held (H100 machine: in the checkpoint write; a little later, it would hold
+                # up epoch 2's first units)
                 gc.freeze()
                 froze = True
             t_wait = time.perf_counter()
