@@ -1,12 +1,15 @@
 """The benchmark helpers in bench/ (not a package): the Markov corpus generator and measure()."""
 
 import importlib.util
+import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from stores import make_trie
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -148,3 +151,21 @@ def test_dead_end_backs_off() -> None:
     out = markov.generate(train, order=2, n_chars=5000, seed=3, streams=7)
     assert len(out) == 5000 and set(out) <= set(train)
     assert "XYZ" in out
+
+
+def test_gc_pauses_reports_each_epoch_and_what_the_freeze_holds(tmp_path: Path) -> None:
+    """bench/gc_pauses.py: one record per epoch, with the trainer's freeze and without it."""
+    url = make_trie(tmp_path, ["the cat sat on the mat. the dog sat on the log. " * 6], 5,
+                    "bigram")
+    frozen = {}
+    for arm in ([], ["--no-freeze"]):
+        out = subprocess.run(
+            [sys.executable, str(BENCH / "gc_pauses.py"), *arm, "train", url, "-o",
+             str(tmp_path / "c.ckpt"), "--epochs", "2", "--device", "cpu", "--model", "micro",
+             "--quiet", "--force"], check=True, capture_output=True, text=True).stdout
+        recs = [json.loads(x) for x in out.splitlines() if '"gc"' in x]
+        assert [r["epoch"] for r in recs] == [1, 2]
+        assert all(r["young_passes"] > 0 and r["seconds"] > 0 for r in recs)
+        assert all(len(p) == 2 and p[1] >= 0 for r in recs for p in r["full_passes"])
+        frozen[bool(arm)] = min(r["frozen"] for r in recs)
+    assert frozen[False] > 10_000 > frozen[True]
